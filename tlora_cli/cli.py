@@ -1,0 +1,263 @@
+"""`tlora`: a thin Typer layer over the library; every user error becomes one line and exit code 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .allocation import allocate
+from .calibration import load_calibration, save_calibration
+from .errors import TloraError
+from .output import atomic_dir, atomic_file
+from .pipeline import (
+    AllocationOptions,
+    CalibrationOptions,
+    ModelSource,
+    allocate_modules,
+    allocation_settings,
+    calibrate,
+    covariance_scratch,
+    initialise,
+    weights_from_checkpoint,
+)
+from .plan import read_plan, write_plan
+from .progress import Reporter
+from .report import print_summary, summarise
+
+app = typer.Typer(
+    help="Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Model = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Local model folder or hub id. Default: the built-in SmolLM2-135M-Instruct."),
+]
+Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")]
+Data = Annotated[
+    str | None,
+    typer.Option(
+        "--data", "-d", help="Calibration data: .jsonl/.json/.parquet/.csv/.txt[.gz]. Default: the built-in math set."
+    ),
+]
+NumSamples = Annotated[int, typer.Option(help="Calibration samples N.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per sample at most, T.")]
+Targets = Annotated[
+    str | None, typer.Option(help="Comma-separated module name suffixes. Default: all attention and MLP projections.")
+]
+Center = Annotated[bool, typer.Option(help="Subtract each sample's mean activation before X^T X.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="auto|float32|bfloat16|float16|float64: the model's compute dtype and the adapter's dtype "
+        "(auto: float32 on CPU, the checkpoint's on GPU; the adapter in the checkpoint's)."
+    ),
+]
+Seed = Annotated[int, typer.Option(help="Seed of the sample selection.")]
+Engine = Annotated[
+    str,
+    typer.Option(help="stream: one decoder layer on the device at a time; whole: the model in memory at once."),
+]
+OffloadDir = Annotated[
+    Path | None,
+    typer.Option(help="Keep layer inputs, gradients and covariances in files here instead of host memory."),
+]
+BudgetRank = Annotated[int | None, typer.Option(help="r_init: the budget is L * r_init ranks. Default 8.")]
+Alpha = Annotated[float | None, typer.Option(help="LoRA alpha per module; alpha_total = L * alpha. Default: r_init.")]
+MinRank = Annotated[
+    int | None, typer.Option(help="Smallest rank a module may get (0 lets a module go without adapter).")
+]
+Uniform = Annotated[
+    bool, typer.Option("--uniform", help="Every module r_init and alpha (TLoRA init only, no allocation).")
+]
+RankAllocation = Annotated[bool, typer.Option(help="Allocate ranks by importance (off: r_init everywhere).")]
+AlphaAllocation = Annotated[bool, typer.Option(help="Allocate alphas by importance (off: alpha everywhere).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+
+
+def _allocation_options(
+    budget_rank: int | None,
+    alpha: float | None,
+    min_rank: int | None,
+    uniform: bool,
+    rank_allocation: bool,
+    alpha_allocation: bool,
+) -> AllocationOptions:
+    options = AllocationOptions(
+        budget_rank=8 if budget_rank is None else budget_rank,
+        alpha=alpha,
+        min_rank=min_rank or 0,
+        rank_allocation=rank_allocation and not uniform,
+        alpha_allocation=alpha_allocation and not uniform,
+    )
+    # Checked here too, so that a bad flag fails before minutes of calibration.
+    allocate(["x"], [(options.budget_rank, options.budget_rank)], [1.0], options.budget_rank, alpha, options.min_rank)
+    return options
+
+
+@app.command("calibrate")
+def calibrate_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration directory to write.")],
+    model: Model = None,
+    data: Data = None,
+    num_samples: NumSamples = 32,
+    seq_len: SeqLen = 512,
+    target_modules: Targets = None,
+    center: Center = False,
+    device: Device = None,
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    engine: Engine = "stream",
+    offload_dir: OffloadDir = None,
+    revision: Revision = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run the model on the calibration samples and save covariances and importance scores."""
+    reporter = Reporter(quiet)
+    options = CalibrationOptions(num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir)
+    with atomic_dir(out, overwrite) as tmp:
+        source = ModelSource.open(model, revision)
+        calibration, _ = calibrate(source, data, options, reporter, covariance_dir=tmp)
+        save_calibration(calibration, tmp)
+    reporter.info(f"wrote {out}: {len(calibration.stats.targets)} modules, {calibration.stats.num_tokens} tokens")
+
+
+@app.command("allocate")
+def allocate_command(
+    calibration_dir: Annotated[Path, typer.Argument(help="Directory written by `tlora calibrate`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file (JSON) to write.")],
+    budget_rank: BudgetRank = None,
+    alpha: Alpha = None,
+    min_rank: MinRank = None,
+    uniform: Uniform = False,
+    rank_allocation: RankAllocation = True,
+    alpha_allocation: AlphaAllocation = True,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Turn importance scores into per-module ranks and alphas; writes an editable plan."""
+    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
+    calibration = load_calibration(calibration_dir)
+    allocations = allocate_modules(calibration.stats, options)
+    with atomic_file(out, overwrite) as tmp:
+        write_plan(tmp, allocations, allocation_settings(options, len(allocations)), calibration.model["fingerprint"])
+    Reporter(quiet).info(
+        f"wrote {out}: {sum(a.rank for a in allocations)} ranks over {sum(1 for a in allocations if a.rank)} modules"
+    )
+
+
+@app.command("init")
+def init_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
+    model: Model = None,
+    data: Data = None,
+    calibration_dir: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="Reuse a `tlora calibrate` directory instead of running the model."),
+    ] = None,
+    plan: Annotated[Path | None, typer.Option(help="Use ranks and alphas from a `tlora allocate` plan.")] = None,
+    budget_rank: BudgetRank = None,
+    alpha: Alpha = None,
+    num_samples: NumSamples = 32,
+    seq_len: SeqLen = 512,
+    target_modules: Targets = None,
+    min_rank: MinRank = None,
+    uniform: Uniform = False,
+    rank_allocation: RankAllocation = True,
+    alpha_allocation: AlphaAllocation = True,
+    center: Center = False,
+    device: Device = None,
+    dtype: Dtype = "auto",
+    seed: Seed = 0,
+    engine: Engine = "stream",
+    offload_dir: OffloadDir = None,
+    revision: Revision = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
+    if plan and (budget_rank is not None or alpha is not None or min_rank is not None or uniform):
+        raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
+    if calibration_dir and data:
+        raise TloraError("--calibration already holds the statistics of its data: drop --data")
+    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
+    calib_options = CalibrationOptions(
+        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir
+    )
+    reporter = Reporter(quiet)
+    with atomic_dir(out, overwrite) as tmp, covariance_scratch(offload_dir) as covariance_dir:
+        if calibration_dir:
+            calibration = load_calibration(calibration_dir)
+            source = ModelSource.open(model or calibration.model["name"], revision)
+            calibration.check_model(source.checkpoint.fingerprint, str(calibration_dir))
+            weight_of = weights_from_checkpoint(source.checkpoint)
+        else:
+            source = ModelSource.open(model, revision)
+            calibration, weight_of = calibrate(source, data, calib_options, reporter, covariance_dir)
+        if plan:
+            allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
+        else:
+            allocations = allocate_modules(calibration.stats, options)
+            settings = allocation_settings(options, len(allocations))
+        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, reporter)
+    reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
+
+
+@app.command("inspect")
+def inspect_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory written by `tlora init`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Per-module rank, alpha, scaling and parameters; totals against uniform LoRA; budget per layer and type."""
+    summary = summarise(adapter_dir)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        print_summary(summary, Console(width=max(Console().width, 100)))
+
+
+def quiet_libraries() -> None:
+    """Our own bars say what happens; transformers' loading bars and advice would only add noise."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def main() -> None:
+    """Entry point: one line per error, never a traceback (TLORA_DEBUG=1 shows it)."""
+    err = Console(stderr=True, highlight=False)
+    quiet_libraries()
+    try:
+        code = app(standalone_mode=False)
+    except TloraError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if os.environ.get("TLORA_DEBUG"):
+            raise
+        err.print(f"[red]internal error:[/] {escape(type(e).__name__ + ': ' + str(e))}".splitlines()[0], soft_wrap=True)
+        err.print("rerun with TLORA_DEBUG=1 for the traceback and report it")
+        sys.exit(3)
+    if code == 130:  # Typer turns Ctrl-C (and our SIGTERM) into exit code 130
+        err.print("interrupted: nothing was written")
+    sys.exit(code if isinstance(code, int) else 0)

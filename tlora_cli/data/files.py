@@ -1,0 +1,216 @@
+"""Reading calibration samples from local files.
+
+Every problem is a TloraError naming the file (and the line or record) so that the user can fix the
+data; nothing is skipped silently, because a silently shorter calibration set changes the adapter.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import TloraError
+from .samples import Sample
+
+FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+FORMATS_HELP = ".jsonl, .json, .parquet, .csv or .txt (each optionally .gz-compressed)"
+
+# Checked in this order; the first pair whose two fields are both present wins.
+PAIR_FIELDS = (
+    ("query", "response"),
+    ("question", "answer"),
+    ("instruction", "output"),
+    ("prompt", "completion"),
+)
+FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_FIELDS)
+
+
+def file_format(name: str) -> tuple[str, bool]:
+    """(format suffix, gzip-compressed?) from the name alone, so that errors come before any reading."""
+    lower = name.lower()
+    compressed = lower.endswith(".gz")
+    if compressed:
+        lower = lower[: -len(".gz")]
+    for suffix in FORMATS:
+        if lower.endswith(suffix):
+            return suffix, compressed
+    raise TloraError(f"{name}: unknown file type; use {FORMATS_HELP}")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes as stored: the calibration hash is taken over exactly these."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TloraError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise TloraError(f"{path}: is a directory; pass a data file ({FORMATS_HELP})") from None
+    except PermissionError:
+        raise TloraError(f"{path}: permission denied; make the file readable") from None
+    except OSError as e:
+        raise TloraError(f"{path}: cannot be read ({e.strerror}); check the file") from None
+
+
+def read_samples(path: Path) -> list[Sample]:
+    """Read every sample of a local .jsonl/.json/.parquet/.csv/.txt file (optionally .gz)."""
+    file_format(str(path))
+    return parse_samples(read_bytes(path), str(path))
+
+
+def parse_samples(raw: bytes, name: str) -> list[Sample]:
+    """Samples from raw file bytes; `name` gives the format (by suffix) and labels every error."""
+    suffix, compressed = file_format(name)
+    if compressed:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            raise TloraError(f"{name}: not a valid gzip file; recompress it or drop the .gz suffix") from None
+    if not raw:
+        raise TloraError(f"{name}: the file is empty; give it at least one sample")
+    if suffix == ".parquet":
+        samples = _parquet_samples(raw, name)
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise TloraError(
+                f"{name}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
+            ) from None
+        if suffix == ".jsonl":
+            samples = _jsonl_samples(text, name)
+        elif suffix == ".json":
+            samples = _json_samples(text, name)
+        elif suffix == ".csv":
+            samples = _csv_samples(text, name)
+        else:
+            samples = _txt_samples(text)
+    if not samples:
+        raise TloraError(f"{name}: the file has no samples; give it at least one")
+    return samples
+
+
+def record_to_sample(record: Any, where: str) -> Sample:
+    """Map one record to a Sample by its field names; `where` prefixes errors ("file: line 3")."""
+    if not isinstance(record, dict):
+        raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {_type_name(record)}")
+    if "text" in record:
+        return Sample(text=_string_field(record, "text", where))
+    for prompt_key, response_key in PAIR_FIELDS:
+        if prompt_key in record and response_key in record:
+            prompt = _string_field(record, prompt_key, where)
+            extra = record.get("input") if prompt_key == "instruction" else None
+            if extra is not None and not (isinstance(extra, str) and not extra.strip()):
+                # Alpaca style: a non-empty input follows the instruction after a blank line.
+                prompt = f"{prompt}\n\n{_string_field(record, 'input', where)}"
+            return Sample(prompt=prompt, response=_string_field(record, response_key, where))
+    fields = ", ".join(f"'{k}'" for k in record) or "none"
+    raise TloraError(f"{where}: no usable fields (it has {fields}); each record needs {FIELDS_HELP}")
+
+
+def _string_field(record: dict[str, Any], key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise TloraError(f"{where}: field '{key}' must be a string, got {_type_name(value)}; fix the record")
+    if not value.strip():
+        raise TloraError(f"{where}: field '{key}' is empty; fill it in or remove the record")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    """JSON's names for types, which is what the user wrote."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _jsonl_samples(text: str, name: str) -> list[Sample]:
+    samples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{name}: line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TloraError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line") from None
+        samples.append(record_to_sample(record, where))
+    return samples
+
+
+def _json_samples(text: str, name: str) -> list[Sample]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TloraError(
+            f"{name}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it"
+        ) from None
+    if isinstance(data, dict):
+        key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise TloraError(
+                f"{name}: expected a list of records, or an object with a 'data' or 'train' list "
+                f"(it has {', '.join(repr(k) for k in data) or 'no keys'}); reshape the file"
+            )
+        data = data[key]
+    if not isinstance(data, list):
+        raise TloraError(f"{name}: expected a list of records at the top level, got {_type_name(data)}")
+    return [record_to_sample(record, f"{name}: record {i}") for i, record in enumerate(data, start=1)]
+
+
+def _csv_samples(text: str, name: str) -> list[Sample]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    samples = []
+    try:
+        for row in reader:
+            where = f"{name}: line {reader.line_num}"
+            if None in row:
+                raise TloraError(
+                    f"{where}: more values than header columns; quote fields that contain commas"
+                )
+            if None in row.values():
+                raise TloraError(f"{where}: fewer values than header columns; fill in the missing ones")
+            samples.append(record_to_sample(row, where))
+    except csv.Error as e:
+        raise TloraError(f"{name}: line {reader.line_num}: malformed CSV ({e}); fix the quoting") from None
+    return samples
+
+
+def _parquet_samples(raw: bytes, name: str) -> list[Sample]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TloraError(f"{name}: reading Parquet needs pyarrow; run `pip install pyarrow`") from None
+    try:
+        records = pq.read_table(pa.BufferReader(raw)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise TloraError(f"{name}: not a readable Parquet file ({reason}); rewrite it") from None
+    return [record_to_sample(record, f"{name}: record {i}") for i, record in enumerate(records, start=1)]
+
+
+def _txt_samples(text: str) -> list[Sample]:
+    """Paragraphs (blank-line separated) are samples; a file without blank lines has one per line."""
+    paragraphs = list(_paragraphs(text.splitlines()))
+    if len(paragraphs) == 1:
+        return [Sample(text=line) for line in paragraphs[0]]
+    return [Sample(text="\n".join(lines)) for lines in paragraphs]
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[list[str]]:
+    block: list[str] = []
+    for line in lines:
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield block
+            block = []
+    if block:
+        yield block

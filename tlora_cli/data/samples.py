@@ -1,0 +1,56 @@
+"""The data types that travel from the calibration files to the statistics passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One calibration example: plain `text` (every token carries loss) or a `prompt`/`response` pair
+    (loss on the response only, as in supervised fine-tuning)."""
+
+    text: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+
+    def __post_init__(self) -> None:
+        pair_parts = (self.prompt is not None) + (self.response is not None)
+        if (self.text is None and pair_parts != 2) or (self.text is not None and pair_parts != 0):
+            raise ValueError("a Sample needs either text, or both prompt and response, not a mix")
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text is None
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """Token ids and their labels (-100 where there is no loss), unpadded, at most seq_len long."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The encoded samples plus what the metadata file needs to say where they came from."""
+
+    samples: list[EncodedSample]
+    source: str
+    sha256: str
+    num_available: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.samples)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Raw label count: the model's own one-token shift is not applied here."""
+        return sum(label != -100 for s in self.samples for label in s.labels)
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(s.truncated for s in self.samples)

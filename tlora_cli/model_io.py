@@ -1,0 +1,189 @@
+"""Finding a model (local folder, hub id, or the built-in one) and reading its checkpoint lazily."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import TloraError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# Files a calibration needs; never weights in other formats, never the whole repo.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def resolve_model(model: str | None, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub id through huggingface_hub (cache, HF_TOKEN, offline mode)."""
+    if model is None:
+        from .builtin_model import builtin_model_path
+
+        return builtin_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TloraError(f"model folder {path} has no config.json: point --model at a Hugging Face model folder")
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise TloraError(f"model folder {model} does not exist: pass a local model folder or a hub id like org/name")
+    return _download(model, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError as e:
+        raise TloraError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
+    except RevisionNotFoundError as e:
+        raise TloraError(f"{repo_id} has no revision {revision!r}: check --revision") from e
+    except RepositoryNotFoundError as e:
+        raise TloraError(
+            f"no model {repo_id!r} on the hub (or it is private: set HF_TOKEN); for a local folder pass its path"
+        ) from e
+    except HFValidationError as e:
+        raise TloraError(f"{repo_id!r} is neither a local folder nor a valid hub id") from e
+    except LocalEntryNotFoundError as e:
+        raise TloraError(
+            f"cannot download {repo_id}: no network (or HF_HUB_OFFLINE=1) and no cached copy; "
+            "download it once with network, or pass a local model folder"
+        ) from e
+    except OSError as e:
+        raise TloraError(f"cannot fetch {repo_id} from the hub: {e}".splitlines()[0]) from e
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TloraError(f"cannot read {path / 'config.json'}: {e}".splitlines()[0]) from e
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype the checkpoint was saved in: the adapter's dtype unless --dtype says otherwise."""
+    config = read_config(path)
+    name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+    return DTYPES.get(str(name), torch.float32)
+
+
+@contextlib.contextmanager
+def open_shard(file: Path) -> Iterator:
+    """safe_open with a one-line error for a truncated or corrupt shard."""
+    try:
+        with safe_open(file, "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise TloraError(f"cannot read checkpoint shard {file}: {e}; re-download the model".splitlines()[0]) from e
+
+
+class Checkpoint:
+    """Lazy per-tensor access to a safetensors checkpoint, one file or sharded with an index."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise TloraError(f"{index} is damaged ({type(e).__name__}): re-download the model") from e
+            self.files = {name: path / file for name, file in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            with open_shard(path / "model.safetensors") as f:
+                self.files = {name: path / "model.safetensors" for name in f.keys()}  # noqa: SIM118
+        else:
+            raise TloraError(
+                f"{path} has no safetensors weights (model.safetensors or an index): "
+                "convert the checkpoint with save_pretrained(..., safe_serialization=True)"
+            )
+        missing = {f for f in self.files.values() if not f.is_file()}
+        if missing:
+            raise TloraError(f"checkpoint shard {sorted(missing)[0]} is missing: re-download the model")
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        with open_shard(self.files[name]) as f:
+            return f.get_tensor(name)
+
+    def first_rows(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The first row of every tensor, grouped by file so each shard is opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in sorted(self.files):
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, names in sorted(by_file.items()):
+            with open_shard(file) as f:
+                for name in names:
+                    piece = f.get_slice(name)
+                    yield name, (piece[0:1] if piece.get_shape() else f.get_tensor(name))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identifies the model's weights without reading them all: config, names, shapes, first rows.
+
+        Any fine-tune changes the first rows of the matrices it touches, so two different models
+        practically never share it, while reading stays at a few KB per tensor.
+        """
+        config = read_config(self.path)
+        for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+            config.pop(volatile, None)
+        h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+        for name, row in self.first_rows():
+            h.update(name.encode())
+            h.update(row.to(torch.float64).numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers fail in many ways; the user needs one line
+        raise TloraError(f"cannot load the tokenizer from {path}: {e}".splitlines()[0]) from e
+
+
+def load_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The whole model, eval mode, frozen: the plain path that fits in memory."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # corrupt shards, unknown architectures, missing files
+        raise TloraError(f"cannot load the model from {path}: {e}".splitlines()[0]) from e
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TloraError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise TloraError(f"--device must be cpu or cuda, got {device!r}")
+    return device
+
+
+def pick_dtype(dtype: str, path: Path, device: str) -> torch.dtype:
+    """auto: the checkpoint's dtype on a GPU; float32 on CPU, where bf16/fp16 matmuls are slow."""
+    if dtype == "auto":
+        return checkpoint_dtype(path) if device != "cpu" else torch.float32
+    if dtype not in DTYPES:
+        raise TloraError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]

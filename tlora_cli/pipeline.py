@@ -1,0 +1,294 @@
+"""The stages as a library: calibrate -> allocate -> factorise -> write. The CLI only parses flags."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .adapter import write_adapter, write_metadata
+from .allocation import ModuleAllocation, allocate
+from .calibration import Calibration
+from .data import load_calibration_set
+from .errors import TloraError
+from .factorisation import tlora_a
+from .model_io import (
+    Checkpoint,
+    checkpoint_dtype,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    read_config,
+    resolve_model,
+)
+from .progress import Reporter
+from .statistics import Statistics, compute_statistics
+from .streaming import StreamedModel, stream_statistics
+from .targets import find_targets, parse_suffixes
+
+WeightOf = Callable[[str], torch.Tensor]
+
+
+@dataclass
+class CalibrationOptions:
+    num_samples: int = 32
+    seq_len: int = 512
+    target_modules: str | None = None
+    center: bool = False
+    device: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    engine: str = "stream"
+    offload_dir: Path | None = None
+
+
+@dataclass
+class AllocationOptions:
+    budget_rank: int = 8
+    alpha: float | None = None
+    min_rank: int = 0
+    rank_allocation: bool = True
+    alpha_allocation: bool = True
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: the name to record, the folder, and lazy access to its weights."""
+
+    name: str
+    path: Path
+    checkpoint: Checkpoint
+
+    @classmethod
+    def open(cls, model: str | None, revision: str | None = None) -> ModelSource:
+        path = resolve_model(model, revision)
+        is_hub_id = model is not None and not Path(model).expanduser().is_dir()
+        return cls(model if is_hub_id else str(path.resolve()), path, Checkpoint(path))
+
+
+def calibrate(
+    source: ModelSource,
+    data: str | None,
+    options: CalibrationOptions,
+    reporter: Reporter,
+    covariance_dir: Path | None = None,
+) -> tuple[Calibration, WeightOf]:
+    """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
+
+    Covariances go to `covariance_dir` as they are finished when one is given (a calibration
+    directory being written), else they stay in host memory. Returns how to read each target's
+    weight, for the factorisation that follows.
+    """
+    if options.seq_len < 2:
+        raise TloraError(f"--seq-len must be at least 2, got {options.seq_len}")
+    if options.engine not in ("stream", "whole"):
+        raise TloraError(f"--engine must be stream or whole, got {options.engine!r}")
+    if options.offload_dir is not None and not options.offload_dir.is_dir():
+        raise TloraError(f"--offload-dir {options.offload_dir} is not an existing folder: create it first")
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, source.path, device)
+    suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))
+    with reporter.phase("data", "Reading calibration data"):
+        tokenizer = load_tokenizer(source.path)
+        calib_set = load_calibration_set(data, tokenizer, options.num_samples, options.seq_len, options.seed)
+    if calib_set.num_available < options.num_samples:
+        reporter.warn(
+            f"{calib_set.source} has only {calib_set.num_available} samples; using all of them "
+            f"instead of --num-samples {options.num_samples}"
+        )
+    if options.engine == "whole":
+        with reporter.phase("load", f"Loading {source.name}"):
+            model = load_model(source.path, dtype, device)
+        targets = find_targets(model, suffixes)
+        with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
+            stats = compute_statistics(model, targets, calib_set.samples, options.center, step)
+        weight_of = weights_from_model(model)
+    else:
+        with reporter.phase("load", f"Loading {source.name} (embeddings and head only)"):
+            streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
+        targets = streamed.targets(suffixes)
+        stats = stream_statistics(
+            streamed, targets, calib_set.samples, options.center, options.offload_dir, covariance_dir, reporter
+        )
+        weight_of = weights_from_checkpoint(source.checkpoint)
+    with reporter.phase("fingerprint", "Fingerprinting the model"):
+        fingerprint = source.checkpoint.fingerprint
+    calibration = Calibration(
+        stats=stats,
+        model={"name": source.name, "fingerprint": fingerprint},
+        data={
+            "source": calib_set.source,
+            "sha256": calib_set.sha256,
+            "num_samples": len(calib_set.samples),
+            "num_available": calib_set.num_available,
+            "num_tokens": calib_set.num_tokens,
+            "num_loss_tokens": calib_set.num_loss_tokens,
+            "seq_len": options.seq_len,
+            "seed": options.seed,
+        },
+        settings={
+            "target_modules": list(suffixes),
+            "center": options.center,
+            "engine": options.engine,
+            "device": device,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        timings=dict(reporter.timings),
+    )
+    return calibration, weight_of
+
+
+@contextlib.contextmanager
+def covariance_scratch(offload_dir: Path | None) -> Iterator[Path | None]:
+    """With --offload-dir, a folder there for covariances until the adapter is written; gone afterwards."""
+    if offload_dir is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="tlora-covariances-", dir=offload_dir) as folder:
+        yield Path(folder)
+
+
+def allocate_modules(stats: Statistics, options: AllocationOptions) -> list[ModuleAllocation]:
+    return allocate(
+        [t.name for t in stats.targets],
+        [t.shape for t in stats.targets],
+        [stats.scores[t.name] for t in stats.targets],
+        rank=options.budget_rank,
+        alpha=options.alpha,
+        min_rank=options.min_rank,
+        rank_allocation=options.rank_allocation,
+        alpha_allocation=options.alpha_allocation,
+    )
+
+
+def allocation_settings(options: AllocationOptions, num_modules: int) -> dict:
+    alpha = float(options.budget_rank if options.alpha is None else options.alpha)
+    return {
+        **asdict(options),
+        "alpha": alpha,
+        "budget": num_modules * options.budget_rank,
+        "alpha_total": num_modules * alpha,
+    }
+
+
+def weights_from_model(model: torch.nn.Module) -> WeightOf:
+    modules = dict(model.named_modules())
+    return lambda name: modules[name].weight.detach()
+
+
+def weights_from_checkpoint(checkpoint: Checkpoint) -> WeightOf:
+    def weight_of(name: str) -> torch.Tensor:
+        key = f"{name}.weight"
+        if key not in checkpoint.files:
+            raise TloraError(f"the checkpoint has no tensor {key}: was the calibration made from this model?")
+        return checkpoint.get(key)
+
+    return weight_of
+
+
+def factorise(
+    allocations: list[ModuleAllocation],
+    stats: Statistics,
+    weight_of: WeightOf,
+    device: str,
+    on_module: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A_i for every module with r_i > 0; each covariance is read once and reused by its siblings."""
+    result: dict[str, torch.Tensor] = {}
+    cached_key, cov = None, None
+    for a in allocations:
+        if a.rank:
+            key = stats.input_of[a.name]
+            if key != cached_key:
+                cached_key, cov = key, stats.covariances[key].to(device)
+            result[a.name] = tlora_a(weight_of(a.name).to(device), cov, a.rank).cpu()
+        if on_module:
+            on_module()
+    return result
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"tlora": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "peft", "huggingface-hub", "datasets"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def metadata(
+    calibration: Calibration,
+    allocations: list[ModuleAllocation],
+    allocation: dict,
+    adapter_dtype: torch.dtype,
+    timings: dict,
+) -> dict:
+    """Everything the tool knows about the run, kept out of adapter_config.json (SPEC.md)."""
+    return {
+        "tool": "tlora",
+        "method": "tlora",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": calibration.model,
+        "data": calibration.data,
+        "calibration": {
+            **calibration.settings,
+            "num_samples": calibration.stats.num_samples,
+            "num_tokens": calibration.stats.num_tokens,
+        },
+        "allocation": allocation,
+        "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
+        "modules": [
+            {
+                "name": a.name,
+                "shape": [a.out_features, a.in_features],
+                "score": a.score,
+                "share": a.share,
+                "rank": a.rank,
+                "alpha": a.alpha,
+                "scaling": a.scaling,
+            }
+            for a in allocations
+        ],
+        "versions": package_versions(),
+        "timings": timings,
+    }
+
+
+def adapter_dtype(dtype: str, source: ModelSource) -> torch.dtype:
+    return checkpoint_dtype(source.path) if dtype == "auto" else pick_dtype(dtype, source.path, "cpu")
+
+
+def initialise(
+    folder: Path,
+    source: ModelSource,
+    calibration: Calibration,
+    allocations: list[ModuleAllocation],
+    allocation: dict,
+    weight_of: WeightOf,
+    options: CalibrationOptions,
+    reporter: Reporter,
+) -> None:
+    """Factorise and write the adapter into `folder` (the caller makes it appear atomically)."""
+    active = sum(1 for a in allocations if a.rank)
+    largest = max(a.rank for a in allocations)
+    if calibration.stats.num_tokens < largest:
+        reporter.warn(
+            f"the calibration has {calibration.stats.num_tokens} tokens but a module gets rank {largest}: "
+            "its covariance has fewer directions than A needs; use more or longer samples"
+        )
+    device = pick_device(options.device)
+    with reporter.phase("factorisation", "Factorising W C", len(allocations)) as step:
+        a_matrices = factorise(allocations, calibration.stats, weight_of, device, step)
+    dtype = adapter_dtype(options.dtype, source)
+    with reporter.phase("writing", "Writing the adapter"):
+        write_adapter(folder, allocations, a_matrices, dtype, source.name)
+    write_metadata(folder, metadata(calibration, allocations, allocation, dtype, dict(reporter.timings)))
+    reporter.info(f"{active} of {len(allocations)} modules got an adapter")

@@ -1,0 +1,85 @@
+"""The allocation plan as a JSON file a person can read, edit and hand back to `tlora init --plan`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .allocation import ModuleAllocation
+from .errors import TloraError
+from .targets import Target
+
+FORMAT = "tlora-plan/1"
+
+
+def plan_document(allocations: list[ModuleAllocation], settings: dict, fingerprint: str) -> dict:
+    return {
+        "format": FORMAT,
+        "model_fingerprint": fingerprint,
+        "settings": settings,
+        "totals": {
+            "rank": sum(a.rank for a in allocations),
+            "modules_with_adapter": sum(1 for a in allocations if a.rank),
+            "trainable_params_b": sum(a.trainable_b for a in allocations),
+            "trainable_params_ab": sum(a.trainable_ab for a in allocations),
+        },
+        "modules": [
+            {
+                "name": a.name,
+                "shape": [a.out_features, a.in_features],
+                "score": a.score,
+                "share": a.share,
+                "rank": a.rank,
+                "alpha": a.alpha,
+                "scaling": a.scaling,
+                "trainable_params_b": a.trainable_b,
+                "trainable_params_ab": a.trainable_ab,
+            }
+            for a in allocations
+        ],
+    }
+
+
+def write_plan(path: Path, allocations: list[ModuleAllocation], settings: dict, fingerprint: str) -> None:
+    path.write_text(json.dumps(plan_document(allocations, settings, fingerprint), indent=2) + "\n")
+
+
+def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list[ModuleAllocation], dict]:
+    """Read a (possibly hand-edited) plan; only name, rank and alpha are taken from each module."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise TloraError(f"cannot read plan {path}: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise TloraError(f"plan {path} is not valid JSON (line {e.lineno}): fix it or rerun `tlora allocate`") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("modules"), list):
+        raise TloraError(f"{path} is not a tlora plan (format {FORMAT}): make one with `tlora allocate`")
+    if doc.get("model_fingerprint") != fingerprint:
+        raise TloraError(f"plan {path} was made for a different model than --model: rerun `tlora allocate`")
+    entries = {m.get("name"): m for m in doc["modules"] if isinstance(m, dict)}
+    names = [t.name for t in targets]
+    if set(entries) != set(names):
+        odd = sorted(set(entries) ^ set(names))[0]
+        raise TloraError(f"plan {path} and the calibration disagree on module {odd}: rerun `tlora allocate`")
+    out = []
+    for t in targets:
+        m = entries[t.name]
+        rank, alpha = m.get("rank"), m.get("alpha")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= min(t.shape):
+            raise TloraError(f"plan {path}: {t.name} has rank {rank!r}; it must be an integer in [0, {min(t.shape)}]")
+        if rank and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise TloraError(f"plan {path}: {t.name} has alpha {alpha!r}; it must be a positive number")
+        out.append(
+            ModuleAllocation(
+                t.name,
+                *t.shape,
+                float(m.get("score", 0.0)),
+                float(m.get("share", 0.0)),
+                rank,
+                float(alpha) if rank else 0.0,
+            )
+        )
+    if not any(a.rank for a in out):
+        raise TloraError(f"plan {path} gives every module rank 0: nothing to initialise")
+    return out, doc.get("settings", {})

@@ -1,0 +1,42 @@
+"""Progress bars and messages on stderr (stdout stays clean for --json), and the time of each phase."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class Reporter:
+    """Shows what each phase is doing and records how long it took (the metadata's `timings`)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.console = Console(stderr=True, quiet=quiet)
+        self.timings: dict[str, float] = {}
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    @contextmanager
+    def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[[], None]]:
+        """A timed phase with a bar; the yielded callable advances it by one."""
+        start = time.perf_counter()
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=self.console.quiet,
+        ) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda: bar.advance(task)
+            if total is None:
+                bar.update(task, total=1, completed=1)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)

@@ -1,0 +1,180 @@
+"""`tlora inspect`: what an adapter directory holds and where its budget went."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
+
+from .adapter import CONFIG, METADATA, WEIGHTS
+from .errors import TloraError
+
+KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<part>[AB])\.weight$")
+LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _natural(name: str) -> list:
+    """Model order for names PEFT wrote in alphabetical order: layers.10 after layers.9."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
+
+
+def _shapes(path: Path) -> dict[str, dict[str, list[int]]]:
+    """Per module, the A and B shapes, from the safetensors header alone (no tensor is read)."""
+    try:
+        with safe_open(path, "pt") as f:
+            shapes: dict[str, dict[str, list[int]]] = defaultdict(dict)
+            for key in f.keys():  # noqa: SIM118
+                m = KEY.match(key)
+                if not m:
+                    raise TloraError(f"{path} holds {key}, which is not a LoRA A/B weight of a PEFT adapter")
+                shapes[m["name"]][m["part"]] = list(f.get_slice(key).get_shape())
+    except (OSError, RuntimeError) as e:  # safetensors raises its own error types on bad files
+        raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
+    return shapes
+
+
+def summarise(folder: Path) -> dict:
+    """The adapter as numbers: per module, totals, uniform LoRA at the same r, budget per layer and type."""
+    if not folder.is_dir():
+        raise TloraError(f"{folder} is not a folder: pass an adapter directory written by `tlora init`")
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise TloraError(f"{folder} is not a PEFT adapter: it needs {CONFIG} and {WEIGHTS}")
+    config = _read_json(folder / CONFIG)
+    meta = _read_json(folder / METADATA) if (folder / METADATA).is_file() else None
+    rslora = bool(config.get("use_rslora"))
+    shapes = _shapes(folder / WEIGHTS)
+    order = config.get("target_modules") if isinstance(config.get("target_modules"), list) else []
+    position = {name: i for i, name in enumerate(order)}
+    modules = []
+    for name in sorted(shapes, key=lambda n: (position.get(n, len(order)), _natural(n))):
+        parts = shapes[name]
+        if set(parts) != {"A", "B"}:
+            raise TloraError(f"{folder / WEIGHTS}: {name} lacks lora_{'B' if 'A' in parts else 'A'}")
+        rank, in_features = parts["A"]
+        out_features = parts["B"][0]
+        alpha = float(config.get("alpha_pattern", {}).get(name, config.get("lora_alpha", 8)))
+        modules.append(
+            {
+                "name": name,
+                "rank": rank,
+                "alpha": alpha,
+                "scaling": alpha / (math.sqrt(rank) if rslora else rank),
+                "params_b": out_features * rank,
+                "params_ab": (out_features + in_features) * rank,
+                "shape": [out_features, in_features],
+            }
+        )
+    # Uniform LoRA at the same r over every target, adapted or not (rank-0 modules are only in the metadata).
+    if meta:
+        r_init = meta["allocation"]["budget_rank"]
+        all_shapes = [m["shape"] for m in meta["modules"]]
+    else:
+        r_init = round(sum(m["rank"] for m in modules) / len(modules))
+        all_shapes = [m["shape"] for m in modules]
+    uniform_b = sum(o * r_init for o, _ in all_shapes)
+    uniform_ab = sum((o + i) * r_init for o, i in all_shapes)
+    total_rank = sum(m["rank"] for m in modules)
+    by_layer: dict[str, dict] = defaultdict(lambda: {"rank": 0, "params_b": 0, "modules": 0})
+    by_type: dict[str, dict] = defaultdict(lambda: {"rank": 0, "params_b": 0, "modules": 0})
+    for m in modules:
+        layer = LAYER.search(m["name"])
+        for group in (by_layer[layer.group(1) if layer else "-"], by_type[m["name"].rsplit(".", 1)[-1]]):
+            group["rank"] += m["rank"]
+            group["params_b"] += m["params_b"]
+            group["modules"] += 1
+    for groups in (by_layer, by_type):
+        for g in groups.values():
+            g["share_of_rank"] = g["rank"] / total_rank
+    return {
+        "adapter": str(folder),
+        "base_model": config.get("base_model_name_or_path"),
+        "method": meta.get("method") if meta else None,
+        "modules": modules,
+        "targets": len(all_shapes),
+        "totals": {
+            "rank": total_rank,
+            "params_b": sum(m["params_b"] for m in modules),
+            "params_ab": sum(m["params_ab"] for m in modules),
+        },
+        "uniform_lora": {"rank": r_init, "params_b": uniform_b, "params_ab": uniform_ab},
+        "by_layer": dict(
+            sorted(by_layer.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
+        ),
+        "by_type": dict(by_type),
+    }
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    t, u = summary["totals"], summary["uniform_lora"]
+    console.print(
+        _table(
+            f"{summary['adapter']} (base: {summary['base_model']})",
+            ["module", "rank", "alpha", "scaling", "params (B)", "params (A+B)"],
+            [
+                [
+                    m["name"],
+                    str(m["rank"]),
+                    f"{m['alpha']:.4g}",
+                    f"{m['scaling']:.4g}",
+                    f"{m['params_b']:,}",
+                    f"{m['params_ab']:,}",
+                ]
+                for m in summary["modules"]
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "Totals",
+            ["", "modules", "rank", "trainable (B only)", "trainable (A+B)"],
+            [
+                [
+                    "this adapter",
+                    f"{len(summary['modules'])}/{summary['targets']}",
+                    f"{t['rank']:,}",
+                    f"{t['params_b']:,}",
+                    f"{t['params_ab']:,}",
+                ],
+                [
+                    f"uniform LoRA r={u['rank']}",
+                    f"{summary['targets']}/{summary['targets']}",
+                    f"{u['rank'] * summary['targets']:,}",
+                    f"{u['params_b']:,}",
+                    f"{u['params_ab']:,}",
+                ],
+            ],
+        )
+    )
+    for title, key in (("Budget per layer", "by_layer"), ("Budget per module type", "by_type")):
+        console.print(
+            _table(
+                title,
+                ["", "modules", "rank", "share of rank", "params (B)"],
+                [
+                    [k, str(g["modules"]), str(g["rank"]), f"{g['share_of_rank']:.1%}", f"{g['params_b']:,}"]
+                    for k, g in summary[key].items()
+                ],
+            )
+        )

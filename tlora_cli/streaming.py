@@ -1,0 +1,415 @@
+"""The layer-streaming engine: the same statistics as statistics.py, one decoder layer on the device at a time.
+
+The model is built as a skeleton whose parameters live on the meta device; the embeddings, final
+norm and head are read from the checkpoint once, each decoder layer only while it runs. The inputs
+each layer receives (hidden states plus the masks and position embeddings the model's own code
+builds for that layer) are captured with stand-in layers, then layers run one after another over
+all samples; the backward pass walks the layers in reverse, recomputing each one with gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .calibration import COVARIANCE_DIR, CovarianceFiles
+from .data import EncodedSample
+from .errors import TloraError
+from .model_io import Checkpoint
+from .progress import Reporter
+from .statistics import InputGroups, Statistics, accumulate_xtx, first_non_finite, non_finite_error, sample_loss
+from .targets import Target, find_targets
+
+Step = Callable[[], None]
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with meta parameters but real buffers (rotary frequencies must be computed)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+class StopForward(Exception):
+    """Raised by the last stand-in once every layer's inputs are recorded: the head is not needed."""
+
+
+class StandIn(torch.nn.Module):
+    """Takes a decoder layer's place in the model's own forward and hands its call to `fn`."""
+
+    def __init__(self, index: int, layer: torch.nn.Module, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.index, self.fn = index, fn
+        if hasattr(layer, "attention_type"):  # models pick each layer's mask by this attribute
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fn(self.index, hidden_states, args, kwargs)
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """Decoder layers return a tensor, or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class TensorStore:
+    """Per-sample tensors kept in host memory, or as files in an offload folder when memory is short."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach()
+        if self.folder is None:
+            self.memory[key] = tensor.to("cpu", copy=tensor.device.type == "cpu")
+        else:
+            save_file({"t": tensor.contiguous().cpu()}, self.folder / f"{key}.safetensors")
+
+    def get(self, key: str, device: torch.device) -> torch.Tensor:
+        if self.folder is None:
+            return self.memory[key].to(device)
+        with safe_open(self.folder / f"{key}.safetensors", "pt", device=str(device)) as f:
+            return f.get_tensor("t")
+
+    def drop(self, key: str) -> None:
+        if self.folder is None:
+            self.memory.pop(key, None)
+        else:
+            (self.folder / f"{key}.safetensors").unlink(missing_ok=True)
+
+
+class StreamedModel:
+    """A causal LM whose decoder layers are read from the checkpoint one at a time."""
+
+    def __init__(self, path: Path, checkpoint: Checkpoint, dtype: torch.dtype, device: str):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            with parameters_on_meta():
+                self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as e:  # unknown architecture, broken config
+            raise TloraError(f"cannot build the model from {path}/config.json: {e}".splitlines()[0]) from e
+        self.model.eval().requires_grad_(False)
+        self.config = self.model.config
+        self.prefix, self.layers = self._find_layers()
+        self.key_of = self._checkpoint_names()
+        self._load_resident()
+
+    def _find_layers(self) -> tuple[str, torch.nn.ModuleList]:
+        count = getattr(self.config.get_text_config(), "num_hidden_layers", None)
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+                return name, module
+        raise TloraError(
+            f"cannot stream {type(self.model).__name__}: no list of {count} decoder layers found; "
+            "use --engine whole if the model fits in memory"
+        )
+
+    def _checkpoint_names(self) -> dict[str, str]:
+        """Parameter name -> checkpoint key, through transformers' own renaming rules (GPT-NeoX's embed_out)."""
+        renames: list[tuple[str, str]] = []
+        with contextlib.suppress(ImportError):
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming
+
+            renames = [
+                (source, t.target_patterns[0])
+                for t in get_model_conversion_mapping(self.model)
+                if type(t) is WeightRenaming
+                for source in t.source_patterns
+            ]
+        names = {}
+        for key in self.checkpoint.names():
+            name = key
+            for source, target in renames:
+                name = re.sub(source, target, name)
+            names[name] = key
+        return names
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        """Give `module`'s own meta parameters their checkpoint values, on the device, frozen."""
+        for pname, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            name = f"{prefix}.{pname}" if prefix else pname
+            if name not in self.key_of:
+                raise TloraError(
+                    f"the checkpoint has no tensor {name}: it does not match its config.json, or stores weights "
+                    "in a layout the streaming engine cannot read (try --engine whole)"
+                )
+            value = self.checkpoint.get(self.key_of[name]).to(self.device, self.dtype)
+            module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
+        for bname, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[bname] = buf.to(self.device)
+
+    def _load_resident(self) -> None:
+        """Everything outside the decoder layers: embeddings, norms, head, rotary buffers."""
+        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        tied = head is not None and "lm_head.weight" not in self.key_of and head is not embeddings
+        for name, module in self.model.named_modules():
+            if name == self.prefix or name.startswith(f"{self.prefix}."):
+                continue
+            if module is head and tied:
+                continue
+            self._load(module, name)
+        if tied:
+            if not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
+                raise TloraError("the checkpoint has no output head weight and its config does not tie it")
+            head.weight = embeddings.weight
+
+    def load_layer(self, index: int) -> torch.nn.Module:
+        layer = self.layers[index]
+        for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}"):
+            self._load(module, name)
+        return layer
+
+    def unload_layer(self, index: int) -> None:
+        layer = self.layers[index]
+        for owner in layer.modules():
+            for pname, param in list(owner._parameters.items()):
+                if param is not None:
+                    owner._parameters[pname] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    def targets(self, suffixes: tuple[str, ...]) -> list[Target]:
+        targets = find_targets(self.model, suffixes)
+        outside = [t.name for t in targets if not t.name.startswith(f"{self.prefix}.")]
+        if outside:
+            raise TloraError(
+                f"{outside[0]} is outside the decoder layers, which the streaming engine cannot calibrate: "
+                "drop it from --target-modules or use --engine whole"
+            )
+        return targets
+
+    @contextlib.contextmanager
+    def stand_ins(self, fn: Callable[..., torch.Tensor]) -> Iterator[None]:
+        """Swap every decoder layer for a StandIn calling `fn` for the duration of one forward."""
+        originals = list(self.layers)
+        for i, layer in enumerate(originals):
+            self.layers[i] = StandIn(i, layer, fn)
+        try:
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+        """What layer 0 receives, and every layer's other arguments, as the model's own forward builds them."""
+        first: list[torch.Tensor] = []
+        calls: list[tuple[tuple, dict]] = []
+
+        def record(index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+            if index == 0:
+                first.append(hidden)
+            calls.append((args, kwargs))
+            if index == len(self.layers) - 1:
+                raise StopForward
+            return hidden
+
+        with self.stand_ins(record), contextlib.suppress(StopForward), torch.no_grad():
+            self.model(input_ids=input_ids, use_cache=False)
+        return first[0], calls
+
+    def logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own head (final norm, lm_head, soft-capping...) applied to the last layer's output."""
+
+        def inject(index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+            return last_hidden
+
+        with self.stand_ins(inject):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class CovarianceSink:
+    """Finished covariances leave the device at once: into host memory, or files in a folder."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.memory: dict[str, torch.Tensor] = {}
+        self.keys: list[str] = []
+        if folder is not None:
+            (folder / COVARIANCE_DIR).mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, covariance: torch.Tensor) -> None:
+        self.keys.append(key)
+        if self.folder is None:
+            self.memory[key] = covariance.cpu()
+        else:
+            save_file({"covariance": covariance.contiguous().cpu()}, self.folder / COVARIANCE_DIR / f"{key}.safetensors")
+
+    def result(self) -> Mapping[str, torch.Tensor]:
+        return self.memory if self.folder is None else CovarianceFiles(self.folder / COVARIANCE_DIR, self.keys)
+
+
+def stream_statistics(
+    streamed: StreamedModel,
+    targets: list[Target],
+    samples: Sequence[EncodedSample],
+    center: bool,
+    offload_dir: Path | None,
+    covariance_dir: Path | None,
+    reporter: Reporter,
+) -> Statistics:
+    """Covariance on the way up, importance on the way down; one layer on the device at any time."""
+    device = streamed.device
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(int(t.name[len(streamed.prefix) + 1 :].split(".")[0]), []).append(t)
+    num_layers = len(streamed.layers)
+    ids = [torch.tensor([s.input_ids], device=device) for s in samples]
+    calls: list[list[tuple[tuple, dict]]] = []
+    scratch = tempfile.TemporaryDirectory(prefix="tlora-offload-", dir=offload_dir) if offload_dir else None
+    try:
+        store = TensorStore(Path(scratch.name) if scratch else None)
+        with reporter.phase("capture", "Capturing layer inputs", len(ids)) as step:
+            for n, input_ids in enumerate(ids):
+                hidden, sample_calls = streamed.capture(input_ids)
+                store.put(f"h0-{n}", hidden)
+                calls.append(sample_calls)
+                step()
+        sink = CovarianceSink(covariance_dir)
+        groups = InputGroups()
+        with reporter.phase("forward", "Forward, layer by layer", num_layers) as step:
+            for layer_index in range(num_layers):
+                _forward_layer(streamed, layer_index, by_layer, samples, calls, store, sink, groups, center)
+                step()
+        with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
+            scores = _stream_backward(streamed, by_layer, samples, ids, calls, store, step)
+    finally:
+        if scratch:
+            scratch.cleanup()
+    return Statistics(
+        targets=targets,
+        input_of=dict(groups.input_of),
+        covariances=sink.result(),
+        scores={name: s / len(samples) for name, s in scores.items()},
+        num_samples=len(samples),
+        num_tokens=sum(len(s.input_ids) for s in samples),
+    )
+
+
+def _forward_layer(
+    streamed: StreamedModel,
+    layer_index: int,
+    by_layer: dict[int, list[Target]],
+    samples: Sequence[EncodedSample],
+    calls: list[list[tuple[tuple, dict]]],
+    store: TensorStore,
+    sink: CovarianceSink,
+    groups: InputGroups,
+    center: bool,
+) -> None:
+    """Run every sample through one layer while hooks sum X^T X; the covariances then leave the device."""
+    device = streamed.device
+    layer = streamed.load_layer(layer_index)
+    modules = dict(layer.named_modules(prefix=f"{streamed.prefix}.{layer_index}"))
+    acc: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[t.name].register_forward_pre_hook(_covariance_hook(t.name, groups, acc, center))
+        for t in by_layer.get(layer_index, [])
+    ]
+    try:
+        with torch.no_grad():
+            for n in range(len(samples)):
+                args, kwargs = calls[n][layer_index]
+                out = first_tensor(layer(store.get(f"h{layer_index}-{n}", device), *args, **kwargs))
+                groups.end_forward()
+                store.put(f"h{layer_index + 1}-{n}", out)
+    finally:
+        for h in handles:
+            h.remove()
+    bad = first_non_finite(acc)
+    if bad:
+        raise non_finite_error(bad, streamed.dtype)
+    tokens = sum(len(s.input_ids) for s in samples)
+    for key, c in acc.items():
+        sink.put(key, c / tokens)
+    streamed.unload_layer(layer_index)
+
+
+def _covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor], center: bool):
+    def hook(_module: torch.nn.Module, args: tuple) -> None:
+        key, first = groups.key(name, args[0])
+        if first:
+            accumulate_xtx(acc, key, args[0], center)
+
+    return hook
+
+
+def _stream_backward(
+    streamed: StreamedModel,
+    by_layer: dict[int, list[Target]],
+    samples: Sequence[EncodedSample],
+    ids: list[torch.Tensor],
+    calls: list[list[tuple[tuple, dict]]],
+    store: TensorStore,
+    step: Step | None,
+) -> dict[str, float]:
+    """Loss at the head, then each layer recomputed with grad; |W * dL_n/dW| is reduced per sample at once."""
+    device = streamed.device
+    num_layers = len(streamed.layers)
+    for n, sample in enumerate(samples):
+        last = store.get(f"h{num_layers}-{n}", device).requires_grad_(True)
+        loss = sample_loss(streamed.logits(ids[n], last), torch.tensor([sample.labels], device=device), n)
+        if not torch.isfinite(loss):
+            raise non_finite_error("the output head", streamed.dtype)
+        loss.backward()
+        store.put(f"g-{n}", last.grad)
+        store.drop(f"h{num_layers}-{n}")
+    scores: dict[str, float] = {}
+    for layer_index in reversed(range(num_layers)):
+        layer = streamed.load_layer(layer_index)
+        modules = dict(layer.named_modules(prefix=f"{streamed.prefix}.{layer_index}"))
+        acc = {t.name: torch.zeros((), dtype=torch.float64, device=device) for t in by_layer.get(layer_index, [])}
+        handles = []
+        for name in acc:
+            weight = modules[name].weight
+            weight.requires_grad_(True)
+            handles.append(weight.register_post_accumulate_grad_hook(_score_hook(acc[name])))
+        try:
+            for n in range(len(samples)):
+                args, kwargs = calls[n][layer_index]
+                x = store.get(f"h{layer_index}-{n}", device).requires_grad_(layer_index > 0)
+                out = first_tensor(layer(x, *args, **kwargs))
+                if out.requires_grad:
+                    out.backward(store.get(f"g-{n}", device))
+                if layer_index > 0:
+                    store.put(f"g-{n}", x.grad)
+                store.drop(f"h{layer_index}-{n}")
+        finally:
+            for h in handles:
+                h.remove()
+        scores.update({name: s.item() for name, s in acc.items()})
+        streamed.unload_layer(layer_index)
+        if step:
+            step()
+    return scores
+
+
+def _score_hook(total: torch.Tensor):
+    def hook(param: torch.Tensor) -> None:
+        total.add_((param.detach().float() * param.grad.float()).abs().mean(dtype=torch.float64))
+        param.grad = None
+
+    return hook
