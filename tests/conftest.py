@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tiny models gain nothing from threads, and spinning threads crawl on a busy 2-core machine.
+torch.set_num_threads(1)
 
 from tiny_models import make_tiny_model
 

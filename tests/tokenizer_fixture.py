@@ -36,7 +36,5 @@ def make_tokenizer(add_bos: bool = True, eos: bool = True) -> PreTrainedTokenize
             single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos_id)]
         )
     if eos:
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>"
-        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")

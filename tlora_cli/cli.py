@@ -127,6 +127,7 @@ def calibrate_command(
     """Run the model on the calibration samples and save covariances and importance scores."""
     reporter = Reporter(quiet)
     options = CalibrationOptions(num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir)
+    options.check()
     with atomic_dir(out, overwrite) as tmp:
         source = ModelSource.open(model, revision)
         calibration, _ = calibrate(source, data, options, reporter, covariance_dir=tmp)
@@ -196,6 +197,7 @@ def init_command(
     calib_options = CalibrationOptions(
         num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir
     )
+    calib_options.check()
     reporter = Reporter(quiet)
     with atomic_dir(out, overwrite) as tmp, covariance_scratch(offload_dir) as covariance_dir:
         if calibration_dir:

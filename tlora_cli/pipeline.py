@@ -50,6 +50,17 @@ class CalibrationOptions:
     engine: str = "stream"
     offload_dir: Path | None = None
 
+    def check(self) -> None:
+        """Fail on bad settings before any model is read."""
+        if self.seq_len < 2:
+            raise TloraError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.num_samples < 1:
+            raise TloraError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.engine not in ("stream", "whole"):
+            raise TloraError(f"--engine must be stream or whole, got {self.engine!r}")
+        if self.offload_dir is not None and not self.offload_dir.is_dir():
+            raise TloraError(f"--offload-dir {self.offload_dir} is not an existing folder: create it first")
+
 
 @dataclass
 class AllocationOptions:
@@ -88,12 +99,7 @@ def calibrate(
     directory being written), else they stay in host memory. Returns how to read each target's
     weight, for the factorisation that follows.
     """
-    if options.seq_len < 2:
-        raise TloraError(f"--seq-len must be at least 2, got {options.seq_len}")
-    if options.engine not in ("stream", "whole"):
-        raise TloraError(f"--engine must be stream or whole, got {options.engine!r}")
-    if options.offload_dir is not None and not options.offload_dir.is_dir():
-        raise TloraError(f"--offload-dir {options.offload_dir} is not an existing folder: create it first")
+    options.check()
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, source.path, device)
     suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))

@@ -12,6 +12,7 @@ LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Architectures whose projections have other names; everything else uses LLAMA_STYLE.
 DEFAULT_TARGETS = {
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 }
 
 

@@ -13,7 +13,7 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so every HF model)
 def check_seq_len(seq_len: int) -> None:
     """A loss needs one token to condition on and one to predict."""
     if seq_len < 2:
-        raise TloraError(f"the sequence length must be at least 2 tokens, got {seq_len}; raise --seq-len")
+        raise TloraError(f"the sequence length must be at least 2 tokens, got {seq_len}; ask for 2 or more")
 
 
 def encode_sample(sample: Sample, tokenizer: Any, seq_len: int, *, where: str = "a sample") -> EncodedSample:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import zlib
@@ -32,7 +33,7 @@ FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_F
 
 
 def file_format(name: str) -> tuple[str, bool]:
-    """(format suffix, gzip-compressed?) from the name alone, so that errors come before any reading."""
+    """(format suffix, gzip-compressed?) from the name alone: contents are not sniffed."""
     lower = name.lower()
     compressed = lower.endswith(".gz")
     if compressed:
@@ -44,7 +45,6 @@ def file_format(name: str) -> tuple[str, bool]:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The file's bytes as stored: the calibration hash is taken over exactly these."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -59,8 +59,13 @@ def read_bytes(path: Path) -> bytes:
 
 def read_samples(path: Path) -> list[Sample]:
     """Read every sample of a local .jsonl/.json/.parquet/.csv/.txt file (optionally .gz)."""
-    file_format(str(path))
-    return parse_samples(read_bytes(path), str(path))
+    return read_file(path)[0]
+
+
+def read_file(path: Path) -> tuple[list[Sample], str]:
+    """(samples, sha256 of the file's bytes as stored), from one read of the file."""
+    raw = read_bytes(path)
+    return parse_samples(raw, str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def parse_samples(raw: bytes, name: str) -> list[Sample]:
@@ -79,9 +84,7 @@ def parse_samples(raw: bytes, name: str) -> list[Sample]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise TloraError(
-                f"{name}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8"
-            ) from None
+            raise TloraError(f"{name}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
         if suffix == ".jsonl":
             samples = _jsonl_samples(text, name)
         elif suffix == ".json":
@@ -96,21 +99,36 @@ def parse_samples(raw: bytes, name: str) -> list[Sample]:
 
 
 def record_to_sample(record: Any, where: str) -> Sample:
-    """Map one record to a Sample by its field names; `where` prefixes errors ("file: line 3")."""
+    """Map one record to a Sample by its field names; `where` prefixes errors ("file: line 3").
+
+    A null or blank field counts as absent when choosing the shape, so that columnar files (Parquet,
+    CSV) may mix text rows and pair rows; a shape that is only partly filled is reported, not skipped.
+    """
     if not isinstance(record, dict):
         raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {_type_name(record)}")
-    if "text" in record:
+    if _filled(record.get("text")):
         return Sample(text=_string_field(record, "text", where))
     for prompt_key, response_key in PAIR_FIELDS:
-        if prompt_key in record and response_key in record:
+        if _filled(record.get(prompt_key)) and _filled(record.get(response_key)):
             prompt = _string_field(record, prompt_key, where)
-            extra = record.get("input") if prompt_key == "instruction" else None
-            if extra is not None and not (isinstance(extra, str) and not extra.strip()):
+            if prompt_key == "instruction" and _filled(record.get("input")):
                 # Alpaca style: a non-empty input follows the instruction after a blank line.
                 prompt = f"{prompt}\n\n{_string_field(record, 'input', where)}"
             return Sample(prompt=prompt, response=_string_field(record, response_key, where))
+    # No complete shape: report what is wrong with the first one the record partly has.
+    for shape in (("text",), *PAIR_FIELDS):
+        if any(key in record for key in shape):
+            for key in shape:
+                if key not in record:
+                    given = next(k for k in shape if k in record)
+                    raise TloraError(f"{where}: has '{given}' but no '{key}'; add it or use {FIELDS_HELP}")
+                _string_field(record, key, where)
     fields = ", ".join(f"'{k}'" for k in record) or "none"
     raise TloraError(f"{where}: no usable fields (it has {fields}); each record needs {FIELDS_HELP}")
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def _string_field(record: dict[str, Any], key: str, where: str) -> str:
@@ -132,7 +150,8 @@ def _type_name(value: Any) -> str:
 
 def _jsonl_samples(text: str, name: str) -> list[Sample]:
     samples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and the like.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{name}: line {number}"
@@ -148,9 +167,7 @@ def _json_samples(text: str, name: str) -> list[Sample]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise TloraError(
-            f"{name}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it"
-        ) from None
+        raise TloraError(f"{name}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it") from None
     if isinstance(data, dict):
         key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
         if key is None:
@@ -171,9 +188,7 @@ def _csv_samples(text: str, name: str) -> list[Sample]:
         for row in reader:
             where = f"{name}: line {reader.line_num}"
             if None in row:
-                raise TloraError(
-                    f"{where}: more values than header columns; quote fields that contain commas"
-                )
+                raise TloraError(f"{where}: more values than header columns; quote fields that contain commas")
             if None in row.values():
                 raise TloraError(f"{where}: fewer values than header columns; fill in the missing ones")
             samples.append(record_to_sample(row, where))
@@ -198,7 +213,7 @@ def _parquet_samples(raw: bytes, name: str) -> list[Sample]:
 
 def _txt_samples(text: str) -> list[Sample]:
     """Paragraphs (blank-line separated) are samples; a file without blank lines has one per line."""
-    paragraphs = list(_paragraphs(text.splitlines()))
+    paragraphs = list(_paragraphs(line.removesuffix("\r") for line in text.split("\n")))
     if len(paragraphs) == 1:
         return [Sample(text=line) for line in paragraphs[0]]
     return [Sample(text="\n".join(lines)) for lines in paragraphs]

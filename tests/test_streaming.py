@@ -1,0 +1,128 @@
+"""The streaming engine must give exactly what the whole-model path gives, one layer at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from reference import rel_err
+from safetensors.torch import load_file
+
+from tlora_cli.calibration import load_calibration
+from tlora_cli.streaming import StreamedModel
+
+MODELS = [
+    ("llama", {}),
+    ("llama", {"tie_embeddings": True}),
+    ("qwen2", {"sliding_window": 8, "max_window_layers": 1}),
+    ("mistral", {"sliding_window": 8}),
+    ("gemma2", {"sliding_window": 8}),
+    ("gpt_neox", {}),
+    ("qwen3", {}),
+    ("phi3", {}),
+]
+COMMON = ("--num-samples", "4", "--seq-len", "32", "-q")
+
+
+@pytest.mark.parametrize(("arch", "options"), MODELS, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in MODELS])
+def test_streamed_statistics_and_adapter_equal_the_whole_model(
+    arch, options, model_factory, data_file, tmp_path, run_cli, monkeypatch
+):
+    model_dir = model_factory(arch, **options)
+    # Count the decoder layers holding real weights whenever one is loaded: never more than one.
+    loaded: set[int] = set()
+    original_load, original_unload = StreamedModel.load_layer, StreamedModel.unload_layer
+
+    def load(self, index):
+        loaded.add(index)
+        assert len(loaded) == 1, f"layers {sorted(loaded)} on the device at once"
+        return original_load(self, index)
+
+    def unload(self, index):
+        loaded.discard(index)
+        return original_unload(self, index)
+
+    monkeypatch.setattr(StreamedModel, "load_layer", load)
+    monkeypatch.setattr(StreamedModel, "unload_layer", unload)
+    for engine in ("stream", "whole"):
+        for command in ("calibrate", "init"):
+            out = tmp_path / f"{command}-{engine}"
+            result = run_cli(command, "--model", model_dir, "--data", data_file, *COMMON, "--engine", engine, "-o", out)
+            assert result.code == 0, result.stderr
+    streamed, whole = load_calibration(tmp_path / "calibrate-stream"), load_calibration(tmp_path / "calibrate-whole")
+    assert streamed.stats.input_of == whole.stats.input_of
+    assert streamed.stats.num_tokens == whole.stats.num_tokens
+    for name, key in whole.stats.input_of.items():
+        assert rel_err(streamed.stats.covariances[key], whole.stats.covariances[key]) < 1e-5, name
+        assert rel_err(streamed.stats.scores[name], whole.stats.scores[name]) < 1e-5, name
+    a_stream = load_file(tmp_path / "init-stream" / "adapter_model.safetensors")
+    a_whole = load_file(tmp_path / "init-whole" / "adapter_model.safetensors")
+    assert a_stream.keys() == a_whole.keys()
+    for key, a in a_whole.items():
+        if "lora_A" in key:
+            r = a.shape[0]
+            assert (torch.linalg.matrix_norm(a_stream[key].double() @ a.double().T) ** 2 / r).item() > 0.9999, key
+    config = json.loads((tmp_path / "init-stream" / "adapter_config.json").read_text())
+    assert config == json.loads((tmp_path / "init-whole" / "adapter_config.json").read_text())
+
+
+def test_offload_dir_gives_the_same_numbers_and_is_emptied(model_factory, data_file, tmp_path, run_cli):
+    model_dir = model_factory("qwen2", sliding_window=8, max_window_layers=1)
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    args = ("--model", model_dir, "--data", data_file, *COMMON)
+    assert run_cli("init", *args, "-o", tmp_path / "memory").code == 0
+    assert run_cli("init", *args, "--offload-dir", offload, "-o", tmp_path / "disk").code == 0
+    assert list(offload.iterdir()) == []
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "memory" / file).read_bytes() == (tmp_path / "disk" / file).read_bytes()
+    missing = run_cli("init", *args, "--offload-dir", tmp_path / "nope", "-o", tmp_path / "x")
+    assert missing.code == 1 and "--offload-dir" in missing.stderr
+
+
+def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, run_cli):
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    result = run_cli("init", "--model", model_factory("llama"), "--data", data_file, *COMMON,
+                     "--offload-dir", offload, "--budget-rank", "100000", "-o", tmp_path / "out")
+    assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_targets_outside_the_layers_are_refused(model_factory, data_file, tmp_path, run_cli):
+    result = run_cli("init", "--model", model_factory("llama"), "--data", data_file, *COMMON,
+                     "--target-modules", "q_proj,lm_head", "-o", tmp_path / "out")
+    assert result.code == 1 and "lm_head is outside the decoder layers" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
+    model_dir = model_factory("llama", num_layers=8)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The quick brown fox {i} jumps over the lazy dog. " * 20}) + "\n"
+                            for i in range(64)))
+    offload, out = tmp_path / "offload", tmp_path / "out"
+    offload.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tlora_cli", "init", "--model", str(model_dir), "--data", str(data),
+         "--num-samples", "64", "--seq-len", "200", "--offload-dir", str(offload), "-q", "-o", str(out)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 120
+    while not any(offload.rglob("*.safetensors")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    if sig == signal.SIGTERM:  # a kill -9 cannot clean up, but still leaves no OUT
+        assert list(offload.iterdir()) == []
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        assert "interrupted" in proc.stderr.read()
