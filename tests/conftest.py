@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
-sys.path.insert(0, str(Path(__file__).parent))
 # Tiny models gain nothing from threads, and spinning threads crawl on a busy 2-core machine.
 torch.set_num_threads(1)
-
-from tiny_models import make_tiny_model
 
 TEXTS = [
     {"text": "The quick brown fox jumps over the lazy dog. Hello world, this is a small corpus."},

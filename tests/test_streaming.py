@@ -89,14 +89,36 @@ def test_offload_dir_gives_the_same_numbers_and_is_emptied(model_factory, data_f
 def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, run_cli):
     offload = tmp_path / "offload"
     offload.mkdir()
-    result = run_cli("init", "--model", model_factory("llama"), "--data", data_file, *COMMON,
-                     "--offload-dir", offload, "--budget-rank", "100000", "-o", tmp_path / "out")
+    result = run_cli(
+        "init",
+        "--model",
+        model_factory("llama"),
+        "--data",
+        data_file,
+        *COMMON,
+        "--offload-dir",
+        offload,
+        "--budget-rank",
+        "100000",
+        "-o",
+        tmp_path / "out",
+    )
     assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
 def test_targets_outside_the_layers_are_refused(model_factory, data_file, tmp_path, run_cli):
-    result = run_cli("init", "--model", model_factory("llama"), "--data", data_file, *COMMON,
-                     "--target-modules", "q_proj,lm_head", "-o", tmp_path / "out")
+    result = run_cli(
+        "init",
+        "--model",
+        model_factory("llama"),
+        "--data",
+        data_file,
+        *COMMON,
+        "--target-modules",
+        "q_proj,lm_head",
+        "-o",
+        tmp_path / "out",
+    )
     assert result.code == 1 and "lm_head is outside the decoder layers" in result.stderr
 
 
@@ -104,14 +126,36 @@ def test_targets_outside_the_layers_are_refused(model_factory, data_file, tmp_pa
 def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
     model_dir = model_factory("llama", num_layers=8)
     data = tmp_path / "long.jsonl"
-    data.write_text("".join(json.dumps({"text": f"The quick brown fox {i} jumps over the lazy dog. " * 20}) + "\n"
-                            for i in range(64)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"The quick brown fox {i} jumps over the lazy dog. " * 20}) + "\n" for i in range(64)
+        )
+    )
     offload, out = tmp_path / "offload", tmp_path / "out"
     offload.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tlora_cli", "init", "--model", str(model_dir), "--data", str(data),
-         "--num-samples", "64", "--seq-len", "200", "--offload-dir", str(offload), "-q", "-o", str(out)],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "tlora_cli",
+            "init",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--num-samples",
+            "64",
+            "--seq-len",
+            "200",
+            "--offload-dir",
+            str(offload),
+            "-q",
+            "-o",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.time() + 120
     while not any(offload.rglob("*.safetensors")):

@@ -106,20 +106,28 @@ def calibrate(
     with reporter.phase("data", "Reading calibration data"):
         tokenizer = load_tokenizer(source.path)
         calib_set = load_calibration_set(data, tokenizer, options.num_samples, options.seq_len, options.seed)
+    reporter.info(
+        f"{source.name}: {len(calib_set.samples)} samples from {calib_set.source}, {calib_set.num_tokens} tokens "
+        f"({calib_set.num_loss_tokens} carry the loss)"
+    )
+    if calib_set.num_truncated:
+        reporter.info(
+            f"{calib_set.num_truncated} of {len(calib_set.samples)} samples were cut to {options.seq_len} tokens"
+        )
     if calib_set.num_available < options.num_samples:
         reporter.warn(
             f"{calib_set.source} has only {calib_set.num_available} samples; using all of them "
             f"instead of --num-samples {options.num_samples}"
         )
     if options.engine == "whole":
-        with reporter.phase("load", f"Loading {source.name}"):
+        with reporter.phase("load", "Loading the whole model"):
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
             stats = compute_statistics(model, targets, calib_set.samples, options.center, step)
         weight_of = weights_from_model(model)
     else:
-        with reporter.phase("load", f"Loading {source.name} (embeddings and head only)"):
+        with reporter.phase("load", "Loading embeddings and head"):
             streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
         targets = streamed.targets(suffixes)
         stats = stream_statistics(
@@ -297,4 +305,8 @@ def initialise(
     with reporter.phase("writing", "Writing the adapter"):
         write_adapter(folder, allocations, a_matrices, dtype, source.name)
     write_metadata(folder, metadata(calibration, allocations, allocation, dtype, dict(reporter.timings)))
-    reporter.info(f"{active} of {len(allocations)} modules got an adapter")
+    ranks = [a.rank for a in allocations if a.rank]
+    reporter.info(
+        f"{active} of {len(allocations)} modules got an adapter, ranks {min(ranks)}-{max(ranks)} "
+        f"(total {sum(ranks)}); {sum(a.trainable_b for a in allocations):,} trainable parameters with A frozen"
+    )

@@ -14,7 +14,7 @@ class Reporter:
     """Shows what each phase is doing and records how long it took (the metadata's `timings`)."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = Console(stderr=True, quiet=quiet, soft_wrap=True)
         self.timings: dict[str, float] = {}
 
     def info(self, message: str) -> None:

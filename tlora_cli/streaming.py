@@ -256,7 +256,9 @@ class CovarianceSink:
         if self.folder is None:
             self.memory[key] = covariance.cpu()
         else:
-            save_file({"covariance": covariance.contiguous().cpu()}, self.folder / COVARIANCE_DIR / f"{key}.safetensors")
+            save_file(
+                {"covariance": covariance.contiguous().cpu()}, self.folder / COVARIANCE_DIR / f"{key}.safetensors"
+            )
 
     def result(self) -> Mapping[str, torch.Tensor]:
         return self.memory if self.folder is None else CovarianceFiles(self.folder / COVARIANCE_DIR, self.keys)

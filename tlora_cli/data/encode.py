@@ -24,7 +24,7 @@ def encode_sample(sample: Sample, tokenizer: Any, seq_len: int, *, where: str = 
     sample in errors.
     """
     check_seq_len(seq_len)
-    if sample.text is not None:
+    if not sample.is_pair:
         ids = _ids(tokenizer, sample.text, add_special_tokens=True)
         encoded = EncodedSample(ids[:seq_len], ids[:seq_len], truncated=len(ids) > seq_len)
     else:

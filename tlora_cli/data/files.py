@@ -193,7 +193,10 @@ def _csv_samples(text: str, name: str) -> list[Sample]:
                 raise TloraError(f"{where}: fewer values than header columns; fill in the missing ones")
             samples.append(record_to_sample(row, where))
     except csv.Error as e:
-        raise TloraError(f"{name}: line {reader.line_num}: malformed CSV ({e}); fix the quoting") from None
+        # line_num counts the lines read successfully; the bad one is the next.
+        raise TloraError(
+            f"{name}: line {reader.line_num + 1}: malformed CSV ({e}); fix the quoting, or use .jsonl for long texts"
+        ) from None
     return samples
 
 

