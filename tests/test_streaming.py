@@ -23,6 +23,7 @@ MODELS = [
     ("qwen2", {"sliding_window": 8, "max_window_layers": 1}),
     ("mistral", {"sliding_window": 8}),
     ("gemma2", {"sliding_window": 8}),
+    ("gemma3_text", {"sliding_window": 8, "num_layers": 6}),  # layer 6 is global, 1-5 local
     ("gpt_neox", {}),
     ("qwen3", {}),
     ("phi3", {}),

@@ -20,9 +20,9 @@ from huggingface_hub import constants as hub_constants
 from tokenizer_fixture import make_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedTokenizerFast
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "gpt_neox", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "gemma3_text", "gpt_neox", "qwen3", "phi3")
 # Architectures whose config can make attention local; for the others `sliding_window` is refused.
-SLIDING_ARCHITECTURES = ("qwen2", "mistral", "gemma2", "qwen3", "phi3")
+SLIDING_ARCHITECTURES = ("qwen2", "mistral", "gemma2", "gemma3_text", "qwen3", "phi3")
 
 HIDDEN_SIZE = 64
 INTERMEDIATE_SIZE = 96
@@ -50,9 +50,9 @@ def _arch_kwargs(arch: str, sliding_window: int | None, max_window_layers: int) 
     if arch in ("mistral", "phi3"):
         # MistralConfig defaults to a 4096 window: pass None explicitly for plain causal attention.
         return {"sliding_window": sliding_window}
-    if arch == "gemma2":
-        # Gemma2 alternates sliding/full layers; with no window asked for, its 4096 default is longer than
-        # any test sequence.
+    if arch in ("gemma2", "gemma3_text"):
+        # Gemma alternates sliding/full layers (Gemma 3 with its own local rotary embedding); with no
+        # window asked for, the 4096 default is longer than any test sequence.
         window = {"sliding_window": sliding_window} if sliding_window is not None else {}
         return {"head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM} | window
     raise ValueError(f"unknown architecture {arch!r}; pick one of {ARCHITECTURES}")
