@@ -19,9 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from common import DEFAULT_CACHE
+from safetensors.torch import save_file
 
 VOCAB = 32000
 CONFIGS: dict[str, dict[str, int]] = {

@@ -294,3 +294,73 @@ def test_inspect_reports_the_adapter(model_factory, data_file, tmp_path, run_cli
         assert m["scaling"] == pytest.approx(m["alpha"] / m["rank"])
     table = run_cli("inspect", out)
     assert table.code == 0 and "uniform LoRA r=2" in table.stdout and "Budget per layer" in table.stdout
+
+
+@pytest.mark.parametrize(("method", "trains_a"), [("w-svd", False), ("random", True), ("theory", False)])
+def test_other_methods_write_loadable_adapters(method, trains_a, model_factory, data_file, tmp_path, run_cli):
+    model_dir = model_factory("llama")
+    out = tmp_path / method
+    result = run_cli(
+        "init",
+        "--model",
+        model_dir,
+        "--data",
+        data_file,
+        "--num-samples",
+        4,
+        "--seq-len",
+        24,
+        "--budget-rank",
+        2,
+        "--method",
+        method,
+        "-o",
+        out,
+        "-q",
+    )
+    assert result.code == 0, result.stderr
+    meta = json.loads((out / "tlora_metadata.json").read_text())
+    assert meta["method"] == method and meta["train_a"] is trains_a
+    if method == "w-svd":  # A spans W's own top right singular vectors, whatever the data
+        tensors = load_file(out / "adapter_model.safetensors")
+        weights = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).state_dict()
+        for m in (m for m in meta["modules"] if m["rank"]):
+            a = tensors[f"base_model.model.{m['name']}.lora_A.weight"].double()
+            eye = torch.eye(m["shape"][1], dtype=torch.float64)
+            want = top_right_singular(weights[f"{m['name']}.weight"], eye, m["rank"])
+            assert (torch.linalg.matrix_norm(want @ a.T) ** 2 / m["rank"]).item() > 0.9999
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([_samples(model_dir, data_file)[0][0]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = load_for_training(base, out)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    a_trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_A." in n}
+    assert bool(a_trainable) is trains_a
+    flipped = run_cli(
+        "init",
+        "--model",
+        model_dir,
+        "--data",
+        data_file,
+        "--num-samples",
+        4,
+        "--seq-len",
+        24,
+        "--method",
+        method,
+        "--train-a" if not trains_a else "--freeze-a",
+        "-o",
+        tmp_path / "f",
+        "-q",
+    )
+    assert flipped.code == 0
+    assert json.loads((tmp_path / "f" / "tlora_metadata.json").read_text())["train_a"] is (not trains_a)
+
+
+def test_bad_method(run_cli, model_factory, data_file, tmp_path):
+    result = run_cli(
+        "init", "--model", model_factory("llama"), "--data", data_file, "--method", "pissa", "-o", tmp_path / "x"
+    )
+    assert result.code == 1 and "--method must be one of" in result.stderr and not (tmp_path / "x").exists()

@@ -2,7 +2,7 @@
 
 import torch
 
-from tlora_cli.factorisation import canonical_signs, tlora_a
+from tlora_cli.factorisation import canonical_signs, random_a, theory_a, tlora_a, w_svd_a
 
 
 def _spd(n: int, seed: int) -> torch.Tensor:
@@ -39,3 +39,39 @@ def test_sign_rule_makes_the_largest_entry_positive_and_results_reproducible():
     assert (top > 0).all()
     assert torch.equal(a, tlora_a(w.clone(), c.clone(), 6))
     assert torch.equal(canonical_signs(-a), a)
+
+
+def _subspace_overlap(a: torch.Tensor, ref: torch.Tensor) -> float:
+    q, _ = torch.linalg.qr(a.double().T)
+    return (torch.linalg.matrix_norm(ref.double() @ q) ** 2 / len(ref)).item()
+
+
+def test_w_svd_spans_the_top_right_singular_subspace_of_w():
+    w = torch.randn(20, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    vals, vecs = torch.linalg.eigh(w.T @ w)
+    ref = vecs[:, vals.argsort(descending=True)[:6]].T
+    assert _subspace_overlap(w_svd_a(w.float(), 6), ref) > 0.9999
+
+
+def test_theory_is_whitened_and_spans_the_top_subspace_of_w_c_half():
+    w = torch.randn(20, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    c = _spd(32, 6)
+    a = theory_a(w, c, 5, damping=1e-6)
+    c_reg = c + 1e-6 * torch.eye(32, dtype=torch.float64)
+    # A = V^T C^-1/2 with orthonormal V: A C A^T = I.
+    assert torch.allclose(a @ c_reg @ a.T, torch.eye(5, dtype=torch.float64), atol=1e-8)
+    vals, vecs = torch.linalg.eigh(c_reg)
+    half = vecs @ torch.diag(vals.sqrt()) @ vecs.T
+    m = w @ half
+    mvals, mvecs = torch.linalg.eigh(m.T @ m)
+    ref = mvecs[:, mvals.argsort(descending=True)[:5]].T
+    assert _subspace_overlap(a @ half, ref) > 0.9999
+
+
+def test_random_is_kaiming_uniform_seeded():
+    a = random_a(400, 8, torch.Generator().manual_seed(1))
+    assert a.shape == (8, 400) and a.dtype == torch.float32
+    assert a.abs().max() <= 1 / 20 and a.abs().max() > 0.045
+    assert abs(a.std().item() - (1 / 20) / 3**0.5) < 0.003
+    assert torch.equal(a, random_a(400, 8, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, random_a(400, 8, torch.Generator().manual_seed(2)))

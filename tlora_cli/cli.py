@@ -19,6 +19,7 @@ from .output import atomic_dir, atomic_file
 from .pipeline import (
     AllocationOptions,
     CalibrationOptions,
+    InitOptions,
     ModelSource,
     allocate_modules,
     allocation_settings,
@@ -82,6 +83,15 @@ Uniform = Annotated[
 ]
 RankAllocation = Annotated[bool, typer.Option(help="Allocate ranks by importance (off: r_init everywhere).")]
 AlphaAllocation = Annotated[bool, typer.Option(help="Allocate alphas by importance (off: alpha everywhere).")]
+Method = Annotated[
+    str,
+    typer.Option(help="tlora (SVD of W C), w-svd (SVD of W alone), random (standard LoRA), theory (V_r^T C^-1/2)."),
+]
+Damping = Annotated[float, typer.Option(help="theory only: C + damping * I before C^-1/2 (the paper's epsilon).")]
+TrainA = Annotated[
+    bool | None,
+    typer.Option("--train-a/--freeze-a", help="Recorded for the training helper. Default: frozen, trained for random."),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 
@@ -178,6 +188,9 @@ def init_command(
     uniform: Uniform = False,
     rank_allocation: RankAllocation = True,
     alpha_allocation: AlphaAllocation = True,
+    method: Method = "tlora",
+    damping: Damping = 1e-6,
+    train_a: TrainA = None,
     center: Center = False,
     device: Device = None,
     dtype: Dtype = "auto",
@@ -198,6 +211,8 @@ def init_command(
         num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir
     )
     calib_options.check()
+    init = InitOptions(method, damping, train_a, seed)
+    init.check()
     reporter = Reporter(quiet)
     with atomic_dir(out, overwrite) as tmp, covariance_scratch(offload_dir) as covariance_dir:
         if calibration_dir:
@@ -213,7 +228,7 @@ def init_command(
         else:
             allocations = allocate_modules(calibration.stats, options)
             settings = allocation_settings(options, len(allocations))
-        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, reporter)
+        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
 
 

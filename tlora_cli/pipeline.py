@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import platform
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,7 @@ from .allocation import ModuleAllocation, allocate
 from .calibration import Calibration
 from .data import load_calibration_set
 from .errors import TloraError
-from .factorisation import tlora_a
+from .factorisation import random_a, theory_a, tlora_a, w_svd_a
 from .model_io import (
     Checkpoint,
     checkpoint_dtype,
@@ -69,6 +70,29 @@ class AllocationOptions:
     min_rank: int = 0
     rank_allocation: bool = True
     alpha_allocation: bool = True
+
+
+METHODS = ("tlora", "w-svd", "random", "theory")
+
+
+@dataclass
+class InitOptions:
+    """How A is built. train_a=None: the method's own recipe (A trained for random, frozen otherwise)."""
+
+    method: str = "tlora"
+    damping: float = 1e-6
+    train_a: bool | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise TloraError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if not self.damping > 0:
+            raise TloraError(f"--damping must be positive, got {self.damping:g}")
+
+    @property
+    def trains_a(self) -> bool:
+        return self.method == "random" if self.train_a is None else self.train_a
 
 
 @dataclass
@@ -214,17 +238,27 @@ def factorise(
     stats: Statistics,
     weight_of: WeightOf,
     device: str,
+    options: InitOptions,
     on_module: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A_i for every module with r_i > 0; each covariance is read once and reused by its siblings."""
     result: dict[str, torch.Tensor] = {}
     cached_key, cov = None, None
     for a in allocations:
-        if a.rank:
+        if a.rank and options.method == "random":
+            seed = zlib.crc32(f"{options.seed}:{a.name}".encode())  # per module: independent of order
+            result[a.name] = random_a(a.in_features, a.rank, torch.Generator().manual_seed(seed))
+        elif a.rank and options.method == "w-svd":
+            result[a.name] = w_svd_a(weight_of(a.name).to(device), a.rank).cpu()
+        elif a.rank:
             key = stats.input_of[a.name]
             if key != cached_key:
                 cached_key, cov = key, stats.covariances[key].to(device)
-            result[a.name] = tlora_a(weight_of(a.name).to(device), cov, a.rank).cpu()
+            weight = weight_of(a.name).to(device)
+            if options.method == "theory":
+                result[a.name] = theory_a(weight, cov, a.rank, options.damping).cpu()
+            else:
+                result[a.name] = tlora_a(weight, cov, a.rank).cpu()
         if on_module:
             on_module()
     return result
@@ -242,13 +276,16 @@ def metadata(
     calibration: Calibration,
     allocations: list[ModuleAllocation],
     allocation: dict,
+    init: InitOptions,
     adapter_dtype: torch.dtype,
     timings: dict,
 ) -> dict:
     """Everything the tool knows about the run, kept out of adapter_config.json (SPEC.md)."""
     return {
         "tool": "tlora",
-        "method": "tlora",
+        "method": init.method,
+        "train_a": init.trains_a,
+        **({"damping": init.damping} if init.method == "theory" else {}),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": calibration.model,
         "data": calibration.data,
@@ -288,6 +325,7 @@ def initialise(
     allocation: dict,
     weight_of: WeightOf,
     options: CalibrationOptions,
+    init: InitOptions,
     reporter: Reporter,
 ) -> None:
     """Factorise and write the adapter into `folder` (the caller makes it appear atomically)."""
@@ -299,14 +337,15 @@ def initialise(
             "its covariance has fewer directions than A needs; use more or longer samples"
         )
     device = pick_device(options.device)
-    with reporter.phase("factorisation", "Factorising W C", len(allocations)) as step:
-        a_matrices = factorise(allocations, calibration.stats, weight_of, device, step)
+    with reporter.phase("factorisation", f"Building A ({init.method})", len(allocations)) as step:
+        a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step)
     dtype = adapter_dtype(options.dtype, source)
     with reporter.phase("writing", "Writing the adapter"):
         write_adapter(folder, allocations, a_matrices, dtype, source.name)
-    write_metadata(folder, metadata(calibration, allocations, allocation, dtype, dict(reporter.timings)))
+    write_metadata(folder, metadata(calibration, allocations, allocation, init, dtype, dict(reporter.timings)))
     ranks = [a.rank for a in allocations if a.rank]
+    trainable = sum(a.trainable_ab if init.trains_a else a.trainable_b for a in allocations)
     reporter.info(
         f"{active} of {len(allocations)} modules got an adapter, ranks {min(ranks)}-{max(ranks)} "
-        f"(total {sum(ranks)}); {sum(a.trainable_b for a in allocations):,} trainable parameters with A frozen"
+        f"(total {sum(ranks)}); {trainable:,} trainable parameters with A {'trained' if init.trains_a else 'frozen'}"
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from .adapter import METADATA
 
 
 def freeze_lora_a(model: torch.nn.Module) -> int:
@@ -26,10 +29,17 @@ def freeze_lora_a(model: torch.nn.Module) -> int:
     return frozen
 
 
-def load_for_training(base_model: torch.nn.Module, adapter_dir: str | Path, freeze_a: bool = True):
-    """`PeftModel.from_pretrained(..., is_trainable=True)` with A frozen (unless freeze_a=False)."""
+def load_for_training(base_model: torch.nn.Module, adapter_dir: str | Path, freeze_a: bool | None = None):
+    """`PeftModel.from_pretrained(..., is_trainable=True)` with A frozen as the adapter's recipe says.
+
+    freeze_a=None follows `train_a` in tlora_metadata.json (`tlora init --train-a/--freeze-a`);
+    without metadata, A is frozen.
+    """
     from peft import PeftModel
 
+    if freeze_a is None:
+        meta = Path(adapter_dir) / METADATA
+        freeze_a = not (meta.is_file() and json.loads(meta.read_text()).get("train_a", False))
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
     if freeze_a:
         freeze_lora_a(model)
