@@ -53,6 +53,30 @@ def run_cli(capsys, monkeypatch):
     return run
 
 
+@pytest.fixture
+def tiny_init(run_cli, data_file):
+    """`tlora init` on a tiny model with a few short samples; extra CLI arguments pass through."""
+
+    def run(model_dir: Path, out: Path, *args: str | Path | int, samples: int = 4, seq_len: int = 24) -> CliResult:
+        return run_cli(
+            "init",
+            "--model",
+            model_dir,
+            "--data",
+            data_file,
+            "--num-samples",
+            samples,
+            "--seq-len",
+            seq_len,
+            *map(str, args),
+            "-o",
+            out,
+            "-q",
+        )
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "calib.jsonl"

@@ -123,28 +123,10 @@ def test_init_matches_reference_and_loads_in_peft(arch, model_factory, data_file
         assert torch.equal(peft_model(input_ids=ids).logits, base_logits)
 
 
-def test_training_helper_keeps_a_frozen_through_set_adapter(model_factory, data_file, tmp_path, run_cli):
+def test_training_helper_keeps_a_frozen_through_set_adapter(model_factory, data_file, tmp_path, run_cli, tiny_init):
     model_dir = model_factory("llama")
     out = tmp_path / "adapter"
-    assert (
-        run_cli(
-            "init",
-            "--model",
-            model_dir,
-            "--data",
-            data_file,
-            "--num-samples",
-            4,
-            "--seq-len",
-            24,
-            "--budget-rank",
-            4,
-            "-o",
-            out,
-            "-q",
-        ).code
-        == 0
-    )
+    assert tiny_init(model_dir, out, "--budget-rank", 4).code == 0
     model = load_for_training(AutoModelForCausalLM.from_pretrained(model_dir), out)
     model.set_adapter("default")  # PEFT re-enables every lora_ weight here
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -256,28 +238,10 @@ def test_hub_id_resolves_through_an_offline_cache(model_factory, data_file, tmp_
     assert missing.code == 1 and "no cached copy" in missing.stderr and not (tmp_path / "x").exists()
 
 
-def test_inspect_reports_the_adapter(model_factory, data_file, tmp_path, run_cli):
+def test_inspect_reports_the_adapter(model_factory, data_file, tmp_path, run_cli, tiny_init):
     model_dir = model_factory("llama")
     out = tmp_path / "adapter"
-    assert (
-        run_cli(
-            "init",
-            "--model",
-            model_dir,
-            "--data",
-            data_file,
-            "--num-samples",
-            4,
-            "--seq-len",
-            24,
-            "--budget-rank",
-            2,
-            "-o",
-            out,
-            "-q",
-        ).code
-        == 0
-    )
+    assert tiny_init(model_dir, out, "--budget-rank", 2).code == 0
     result = run_cli("inspect", out, "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -297,27 +261,12 @@ def test_inspect_reports_the_adapter(model_factory, data_file, tmp_path, run_cli
 
 
 @pytest.mark.parametrize(("method", "trains_a"), [("w-svd", False), ("random", True), ("theory", False)])
-def test_other_methods_write_loadable_adapters(method, trains_a, model_factory, data_file, tmp_path, run_cli):
+def test_other_methods_write_loadable_adapters(
+    method, trains_a, model_factory, data_file, tmp_path, run_cli, tiny_init
+):
     model_dir = model_factory("llama")
     out = tmp_path / method
-    result = run_cli(
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--num-samples",
-        4,
-        "--seq-len",
-        24,
-        "--budget-rank",
-        2,
-        "--method",
-        method,
-        "-o",
-        out,
-        "-q",
-    )
+    result = tiny_init(model_dir, out, "--budget-rank", 2, "--method", method)
     assert result.code == 0, result.stderr
     meta = json.loads((out / "tlora_metadata.json").read_text())
     assert meta["method"] == method and meta["train_a"] is trains_a
@@ -338,23 +287,7 @@ def test_other_methods_write_loadable_adapters(method, trains_a, model_factory, 
         assert torch.equal(model(input_ids=ids).logits, want)
     a_trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".lora_A." in n}
     assert bool(a_trainable) is trains_a
-    flipped = run_cli(
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--num-samples",
-        4,
-        "--seq-len",
-        24,
-        "--method",
-        method,
-        "--train-a" if not trains_a else "--freeze-a",
-        "-o",
-        tmp_path / "f",
-        "-q",
-    )
+    flipped = tiny_init(model_dir, tmp_path / "f", "--method", method, "--train-a" if not trains_a else "--freeze-a")
     assert flipped.code == 0
     assert json.loads((tmp_path / "f" / "tlora_metadata.json").read_text())["train_a"] is (not trains_a)
 

@@ -34,6 +34,20 @@ class ModuleAllocation:
     def trainable_ab(self) -> int:
         return (self.out_features + self.in_features) * self.rank
 
+    def as_dict(self) -> dict:
+        """The plan's and the metadata's view of the module."""
+        return {
+            "name": self.name,
+            "shape": [self.out_features, self.in_features],
+            "score": self.score,
+            "share": self.share,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "scaling": self.scaling,
+            "trainable_params_b": self.trainable_b,
+            "trainable_params_ab": self.trainable_ab,
+        }
+
 
 def largest_remainder(quotas: Sequence[float], total: int) -> list[int]:
     """Round non-negative quotas to integers summing to `total`; ties go to the earlier index."""

@@ -296,18 +296,7 @@ def metadata(
         },
         "allocation": allocation,
         "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
-        "modules": [
-            {
-                "name": a.name,
-                "shape": [a.out_features, a.in_features],
-                "score": a.score,
-                "share": a.share,
-                "rank": a.rank,
-                "alpha": a.alpha,
-                "scaling": a.scaling,
-            }
-            for a in allocations
-        ],
+        "modules": [a.as_dict() for a in allocations],
         "versions": package_versions(),
         "timings": timings,
     }

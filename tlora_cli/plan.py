@@ -24,20 +24,7 @@ def plan_document(allocations: list[ModuleAllocation], settings: dict, fingerpri
             "trainable_params_b": sum(a.trainable_b for a in allocations),
             "trainable_params_ab": sum(a.trainable_ab for a in allocations),
         },
-        "modules": [
-            {
-                "name": a.name,
-                "shape": [a.out_features, a.in_features],
-                "score": a.score,
-                "share": a.share,
-                "rank": a.rank,
-                "alpha": a.alpha,
-                "scaling": a.scaling,
-                "trainable_params_b": a.trainable_b,
-                "trainable_params_ab": a.trainable_ab,
-            }
-            for a in allocations
-        ],
+        "modules": [a.as_dict() for a in allocations],
     }
 
 

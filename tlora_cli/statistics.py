@@ -67,6 +67,27 @@ def accumulate_xtx(acc: dict[str, torch.Tensor], key: str, x: torch.Tensor, cent
         acc[key] = flat.T @ flat
 
 
+def covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor], center: bool):
+    """Forward pre-hook: X^T X of the module's input, once per distinct input."""
+
+    def hook(_module: torch.nn.Module, args: tuple) -> None:
+        key, first = groups.key(name, args[0])
+        if first:
+            accumulate_xtx(acc, key, args[0], center)
+
+    return hook
+
+
+def score_hook(total: torch.Tensor):
+    """Post-accumulate-grad hook: add mean|W * dL_n/dW| to `total`, then free the gradient at once."""
+
+    def hook(param: torch.Tensor) -> None:
+        total.add_((param.detach().float() * param.grad.float()).abs().mean(dtype=torch.float64))
+        param.grad = None
+
+    return hook
+
+
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
     """Mean next-token cross-entropy of one sample over its loss tokens (batch of one)."""
     targets = labels[0, 1:]
@@ -99,26 +120,11 @@ def compute_statistics(
     score_acc = {t.name: torch.zeros((), dtype=torch.float64, device=device) for t in targets}
     handles = []
 
-    def forward_hook(name: str):
-        def hook(_module: torch.nn.Module, args: tuple) -> None:
-            key, first = groups.key(name, args[0])
-            if first:
-                accumulate_xtx(acc, key, args[0], center)
-
-        return hook
-
-    def grad_hook(name: str):
-        def hook(param: torch.Tensor) -> None:
-            score_acc[name] += (param.detach().float() * param.grad.float()).abs().mean(dtype=torch.float64)
-            param.grad = None
-
-        return hook
-
     for t in targets:
         weight = modules[t.name].weight
         weight.requires_grad_(True)
-        handles.append(modules[t.name].register_forward_pre_hook(forward_hook(t.name)))
-        handles.append(weight.register_post_accumulate_grad_hook(grad_hook(t.name)))
+        handles.append(modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc, center)))
+        handles.append(weight.register_post_accumulate_grad_hook(score_hook(score_acc[t.name])))
     tokens = 0
     try:
         for n, sample in enumerate(samples):

@@ -25,7 +25,15 @@ from .data import EncodedSample
 from .errors import TloraError
 from .model_io import Checkpoint
 from .progress import Reporter
-from .statistics import InputGroups, Statistics, accumulate_xtx, first_non_finite, non_finite_error, sample_loss
+from .statistics import (
+    InputGroups,
+    Statistics,
+    covariance_hook,
+    first_non_finite,
+    non_finite_error,
+    sample_loss,
+    score_hook,
+)
 from .targets import Target, find_targets
 
 Step = Callable[[], None]
@@ -328,7 +336,7 @@ def _forward_layer(
     modules = dict(layer.named_modules(prefix=f"{streamed.prefix}.{layer_index}"))
     acc: dict[str, torch.Tensor] = {}
     handles = [
-        modules[t.name].register_forward_pre_hook(_covariance_hook(t.name, groups, acc, center))
+        modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc, center))
         for t in by_layer.get(layer_index, [])
     ]
     try:
@@ -348,15 +356,6 @@ def _forward_layer(
     for key, c in acc.items():
         sink.put(key, c / tokens)
     streamed.unload_layer(layer_index)
-
-
-def _covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor], center: bool):
-    def hook(_module: torch.nn.Module, args: tuple) -> None:
-        key, first = groups.key(name, args[0])
-        if first:
-            accumulate_xtx(acc, key, args[0], center)
-
-    return hook
 
 
 def _stream_backward(
@@ -388,7 +387,7 @@ def _stream_backward(
         for name in acc:
             weight = modules[name].weight
             weight.requires_grad_(True)
-            handles.append(weight.register_post_accumulate_grad_hook(_score_hook(acc[name])))
+            handles.append(weight.register_post_accumulate_grad_hook(score_hook(acc[name])))
         try:
             for n in range(len(samples)):
                 args, kwargs = calls[n][layer_index]
@@ -407,11 +406,3 @@ def _stream_backward(
         if step:
             step()
     return scores
-
-
-def _score_hook(total: torch.Tensor):
-    def hook(param: torch.Tensor) -> None:
-        total.add_((param.detach().float() * param.grad.float()).abs().mean(dtype=torch.float64))
-        param.grad = None
-
-    return hook
