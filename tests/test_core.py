@@ -297,3 +297,13 @@ def test_bad_method(run_cli, model_factory, data_file, tmp_path):
         "init", "--model", model_factory("llama"), "--data", data_file, "--method", "pissa", "-o", tmp_path / "x"
     )
     assert result.code == 1 and "--method must be one of" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_inspect_works_without_metadata(model_factory, tmp_path, tiny_init, run_cli):
+    out = tmp_path / "adapter"
+    assert tiny_init(model_factory("llama"), out, "--budget-rank", 2).code == 0
+    (out / "tlora_metadata.json").unlink()
+    summary = json.loads(run_cli("inspect", out, "--json").stdout)
+    active = summary["modules"]
+    assert summary["uniform_lora"]["rank"] == round(sum(m["rank"] for m in active) / len(active))
+    assert summary["targets"] == len(active)

@@ -78,12 +78,10 @@ def summarise(folder: Path) -> dict:
             }
         )
     # Uniform LoRA at the same r over every target, adapted or not (rank-0 modules are only in the metadata).
-    if meta:
-        r_init = meta["allocation"]["budget_rank"]
-        all_shapes = [m["shape"] for m in meta["modules"]]
-    else:
-        r_init = round(sum(m["rank"] for m in modules) / len(modules))
-        all_shapes = [m["shape"] for m in modules]
+    r_init = (meta or {}).get("allocation", {}).get("budget_rank") or round(
+        sum(m["rank"] for m in modules) / len(modules)
+    )
+    all_shapes = [m["shape"] for m in (meta or {}).get("modules", modules)]
     uniform_b = sum(o * r_init for o, _ in all_shapes)
     uniform_ab = sum((o + i) * r_init for o, i in all_shapes)
     total_rank = sum(m["rank"] for m in modules)
