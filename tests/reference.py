@@ -20,6 +20,8 @@ class Reference:
     scores: dict[str, float]
     weights: dict[str, torch.Tensor]
     tokens: int
+    mean_grads: dict[str, torch.Tensor]
+    output_grad_sq: dict[str, torch.Tensor]
 
 
 def reference_statistics(
@@ -32,9 +34,17 @@ def reference_statistics(
         n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in suffixes
     }
     captured: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, out, name):
+        captured[name] = args[0].detach()[0]
+        outputs[name] = out
+
     for n, m in linears.items():
-        m.register_forward_hook(lambda mod, args, out, n=n: captured.__setitem__(n, args[0].detach()[0]))
+        m.register_forward_hook(lambda mod, args, out, n=n: capture(mod, args, out, n))
         m.weight.requires_grad_(True)
+    mean_grads = {n: torch.zeros_like(m.weight) for n, m in linears.items()}
+    out_sq = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in linears.items()}
     cov = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
     scores = dict.fromkeys(linears, 0.0)
     tokens = 0
@@ -44,9 +54,12 @@ def reference_statistics(
         keep = target != -100
         log_probs = torch.log_softmax(logits[:-1][keep], dim=-1)
         loss = -log_probs.gather(1, target[keep][:, None]).mean()
-        grads = torch.autograd.grad(loss, [m.weight for m in linears.values()])
-        for (n, m), g in zip(linears.items(), grads):
+        grads = torch.autograd.grad(loss, [m.weight for m in linears.values()] + [outputs[n] for n in linears])
+        weight_grads, output_grads = grads[: len(linears)], grads[len(linears) :]
+        for (n, m), g, go in zip(linears.items(), weight_grads, output_grads):
             scores[n] += (m.weight * g).abs().mean().item() / len(samples)
+            mean_grads[n] += g / len(samples)
+            out_sq[n] += (go[0] ** 2).sum(0)
             x = captured[n]
             if center:
                 x = x - x.mean(0)
@@ -58,6 +71,8 @@ def reference_statistics(
         scores=scores,
         weights={n: m.weight.detach().clone() for n, m in linears.items()},
         tokens=tokens,
+        mean_grads=mean_grads,
+        output_grad_sq={n: v / tokens for n, v in out_sq.items()},
     )
 
 

@@ -307,3 +307,38 @@ def test_inspect_works_without_metadata(model_factory, tmp_path, tiny_init, run_
     active = summary["modules"]
     assert summary["uniform_lora"]["rank"] == round(sum(m["rank"] for m in active) / len(active))
     assert summary["targets"] == len(active)
+
+
+@pytest.mark.parametrize("engine", ["stream", "whole"])
+def test_lora_da_statistics_equal_independent_computation(engine, model_factory, data_file, tmp_path, run_cli):
+    model_dir = model_factory("llama")
+    args = ["--model", model_dir, "--data", data_file, "--num-samples", N, "--seq-len", T, "--engine", engine, "-q"]
+    assert run_cli("calibrate", *args, "--gradients", "-o", tmp_path / "calib").code == 0
+    calib = load_calibration(tmp_path / "calib")
+    ref = reference_statistics(model_dir, _samples(model_dir, data_file), SUFFIXES)
+    for name in ref.names:
+        assert rel_err(calib.stats.mean_grads[name], ref.mean_grads[name]) < 1e-5, name
+        assert rel_err(calib.stats.output_grad_sq[name], ref.output_grad_sq[name]) < 1e-5, name
+    out = tmp_path / "adapter"
+    result = run_cli("init", "--calibration", tmp_path / "calib", "--method", "lora-da", "-o", out, "-q")
+    assert result.code == 0, result.stderr
+    assert json.loads((out / "tlora_metadata.json").read_text())["method"] == "lora-da"
+    # Without the gradient statistics, lora-da says what to do instead.
+    assert run_cli("calibrate", *args, "-o", tmp_path / "plain").code == 0
+    result = run_cli("init", "--calibration", tmp_path / "plain", "--method", "lora-da", "-o", tmp_path / "x", "-q")
+    assert result.code == 1 and "--gradients" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_lora_da_adapter_loads_and_leaves_the_output_unchanged(model_factory, data_file, tmp_path, tiny_init):
+    model_dir = model_factory("qwen2")
+    out = tmp_path / "adapter"
+    result = tiny_init(model_dir, out, "--method", "lora-da", "--lora-da-population", 100)
+    assert result.code == 0, result.stderr
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([_samples(model_dir, data_file)[0][0]])
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        model = load_for_training(base, out)
+        assert torch.equal(model(input_ids=ids).logits, want)
+    meta = json.loads((out / "tlora_metadata.json").read_text())
+    assert meta["lora_da_population"] == 100 and meta["train_a"] is False

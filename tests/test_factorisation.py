@@ -1,8 +1,9 @@
 """A_i against an independent SVD, the sign rule, and determinism."""
 
+import pytest
 import torch
 
-from tlora_cli.factorisation import canonical_signs, random_a, theory_a, tlora_a, w_svd_a
+from tlora_cli.factorisation import canonical_signs, lora_da_a, random_a, theory_a, tlora_a, w_svd_a
 
 
 def _spd(n: int, seed: int) -> torch.Tensor:
@@ -75,3 +76,40 @@ def test_random_is_kaiming_uniform_seeded():
     assert abs(a.std().item() - (1 / 20) / 3**0.5) < 0.003
     assert torch.equal(a, random_a(400, 8, torch.Generator().manual_seed(1)))
     assert not torch.equal(a, random_a(400, 8, torch.Generator().manual_seed(2)))
+
+
+def _lora_da_inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    z = _spd(24, seed)
+    s = torch.rand(16, generator=g, dtype=torch.float64) * 1e-3 + 1e-4
+    grad = torch.randn(16, 24, generator=g, dtype=torch.float64) * 1e-2
+    return z, s, grad
+
+
+def test_lora_da_takes_the_smallest_eigenvectors_of_the_guidance_matrix():
+    z, s, grad = _lora_da_inputs(7)
+    d, beta, population = 1e-6, 0.5, 1000
+    a = lora_da_a(z, s, grad, 5, beta=beta, population=population, damping=d)
+    # Independently, with explicit inverses.
+    z_inv = torch.linalg.inv(z + d * torch.eye(24, dtype=torch.float64))
+    step = -z_inv @ grad.T @ torch.diag(1 / (s + d))
+    sigma = torch.linalg.svdvals(step)[0]
+    h = beta * (1 / (s + d)).sum() / (population * sigma**2) * z_inv - (step / sigma) @ (step / sigma).T
+    vals, vecs = torch.linalg.eigh(h)
+    ref = vecs[:, vals.argsort()[:5]].T
+    assert torch.allclose(a @ a.T, torch.eye(5, dtype=torch.float64), atol=1e-8)
+    assert _subspace_overlap(a, ref) > 0.9999
+
+
+def test_lora_da_without_variance_is_the_natural_gradient_subspace():
+    z, s, grad = _lora_da_inputs(8)
+    a = lora_da_a(z, s, grad, 4, beta=0.0, damping=1e-6)
+    natural = torch.diag(1 / (s + 1e-6)) @ grad @ torch.linalg.inv(z + 1e-6 * torch.eye(24, dtype=torch.float64))
+    vals, vecs = torch.linalg.eigh(natural.T @ natural)
+    assert _subspace_overlap(a, vecs[:, vals.argsort(descending=True)[:4]].T) > 0.9999
+
+
+def test_lora_da_refuses_a_zero_gradient():
+    z, s, grad = _lora_da_inputs(9)
+    with pytest.raises(ValueError, match="zero"):
+        lora_da_a(z, s, torch.zeros_like(grad), 2)

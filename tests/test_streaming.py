@@ -73,11 +73,12 @@ def test_streamed_statistics_and_adapter_equal_the_whole_model(
     assert config == json.loads((tmp_path / "init-whole" / "adapter_config.json").read_text())
 
 
-def test_offload_dir_gives_the_same_numbers_and_is_emptied(model_factory, data_file, tmp_path, run_cli):
+@pytest.mark.parametrize("method", ["tlora", "lora-da"])
+def test_offload_dir_gives_the_same_numbers_and_is_emptied(method, model_factory, data_file, tmp_path, run_cli):
     model_dir = model_factory("qwen2", sliding_window=8, max_window_layers=1)
     offload = tmp_path / "offload"
     offload.mkdir()
-    args = ("--model", model_dir, "--data", data_file, *COMMON)
+    args = ("--model", model_dir, "--data", data_file, "--method", method, *COMMON)
     assert run_cli("init", *args, "-o", tmp_path / "memory").code == 0
     assert run_cli("init", *args, "--offload-dir", offload, "-o", tmp_path / "disk").code == 0
     assert list(offload.iterdir()) == []

@@ -17,7 +17,12 @@ from .targets import Target
 
 FORMAT = "tlora-calibration/1"
 MANIFEST = "calibration.json"
-COVARIANCE_DIR = "covariances"
+# kind -> (subfolder, tensor name in each file)
+LAYOUT = {
+    "covariance": ("covariances", "covariance"),
+    "mean_grad": ("mean_gradients", "mean_grad"),
+    "output_grad_sq": ("output_gradient_moments", "output_grad_sq"),
+}
 
 
 @dataclass
@@ -39,12 +44,11 @@ class Calibration:
             )
 
 
-class CovarianceFiles(Mapping):
-    """Covariances read from disk one at a time, so a big model's never all sit in memory."""
+class TensorFiles(Mapping):
+    """Per-module tensors read from disk one at a time, so a big model's never all sit in memory."""
 
-    def __init__(self, folder: Path, keys: list[str]):
-        self.folder = folder
-        self.keys_ = keys
+    def __init__(self, folder: Path, keys: list[str], field: str):
+        self.folder, self.keys_, self.field = folder, keys, field
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.keys_:
@@ -52,9 +56,9 @@ class CovarianceFiles(Mapping):
         path = self.folder / f"{key}.safetensors"
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor("covariance")
+                return f.get_tensor(self.field)
         except (OSError, RuntimeError) as e:
-            raise TloraError(f"cannot read covariance {path}: {e}; recalibrate".splitlines()[0]) from e
+            raise TloraError(f"cannot read {path}: {e}; recalibrate".splitlines()[0]) from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys_)
@@ -63,14 +67,49 @@ class CovarianceFiles(Mapping):
         return len(self.keys_)
 
 
+class TensorSink:
+    """Finished statistics leave the device at once: into host memory, or files in a folder."""
+
+    def __init__(self, folder: Path | None, field: str):
+        self.folder, self.field = folder, field
+        self.memory: dict[str, torch.Tensor] = {}
+        self.keys: list[str] = []
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        self.keys.append(key)
+        if self.folder is None:
+            self.memory[key] = tensor.cpu()
+        else:
+            save_file({self.field: tensor.contiguous().cpu()}, self.folder / f"{key}.safetensors")
+
+    def result(self) -> Mapping[str, torch.Tensor]:
+        return self.memory if self.folder is None else TensorFiles(self.folder, self.keys, self.field)
+
+
+def sink(folder: Path | None, kind: str) -> TensorSink:
+    """Where one kind of statistic goes: `folder/<kind's subfolder>`, or memory without a folder."""
+    subfolder, field = LAYOUT[kind]
+    return TensorSink(folder / subfolder if folder else None, field)
+
+
+def _save(tensors: Mapping[str, torch.Tensor], folder: Path, kind: str) -> None:
+    subfolder, field = LAYOUT[kind]
+    target = folder / subfolder
+    if isinstance(tensors, TensorFiles) and tensors.folder == target:
+        return  # the streaming engine wrote them straight into the folder
+    target.mkdir(parents=True, exist_ok=True)
+    for key, tensor in tensors.items():
+        save_file({field: tensor.contiguous()}, target / f"{key}.safetensors")
+
+
 def save_calibration(calibration: Calibration, folder: Path) -> None:
     stats = calibration.stats
-    target = folder / COVARIANCE_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    already_there = isinstance(stats.covariances, CovarianceFiles) and stats.covariances.folder == target
-    if not already_there:  # the streaming engine writes them straight into the folder
-        for key, cov in stats.covariances.items():
-            save_file({"covariance": cov.contiguous()}, target / f"{key}.safetensors")
+    _save(stats.covariances, folder, "covariance")
+    if stats.mean_grads is not None:
+        _save(stats.mean_grads, folder, "mean_grad")
+        _save(stats.output_grad_sq, folder, "output_grad_sq")
     manifest = {
         "format": FORMAT,
         "model": calibration.model,
@@ -78,6 +117,7 @@ def save_calibration(calibration: Calibration, folder: Path) -> None:
         "settings": calibration.settings,
         "num_samples": stats.num_samples,
         "num_tokens": stats.num_tokens,
+        "gradients": stats.mean_grads is not None,
         "modules": [
             {"name": t.name, "shape": list(t.shape), "input": stats.input_of[t.name], "score": stats.scores[t.name]}
             for t in stats.targets
@@ -100,15 +140,25 @@ def load_calibration(folder: Path) -> Calibration:
         stats = Statistics(
             targets=targets,
             input_of={m["name"]: m["input"] for m in modules},
-            covariances=CovarianceFiles(folder / COVARIANCE_DIR, sorted({m["input"] for m in modules})),
+            covariances=_files(folder, "covariance", sorted({m["input"] for m in modules})),
             scores={m["name"]: float(m["score"]) for m in modules},
             num_samples=int(manifest["num_samples"]),
             num_tokens=int(manifest["num_tokens"]),
         )
+        if manifest.get("gradients"):
+            names = [m["name"] for m in modules]
+            stats.mean_grads = _files(folder, "mean_grad", names)
+            stats.output_grad_sq = _files(folder, "output_grad_sq", names)
         calibration = Calibration(stats, manifest["model"], manifest["data"], manifest["settings"], manifest["timings"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TloraError(f"{path} is damaged ({type(e).__name__}: {e}): recalibrate".splitlines()[0]) from e
-    missing = [k for k in stats.covariances if not (folder / COVARIANCE_DIR / f"{k}.safetensors").is_file()]
-    if missing:
-        raise TloraError(f"calibration {folder} lacks the covariance of {missing[0]}: recalibrate")
+    for files in (stats.covariances, stats.mean_grads, stats.output_grad_sq):
+        missing = [k for k in files or () if not (files.folder / f"{k}.safetensors").is_file()]
+        if missing:
+            raise TloraError(f"calibration {folder} lacks {files.folder.name}/{missing[0]}: recalibrate")
     return calibration
+
+
+def _files(folder: Path, kind: str, keys: list[str]) -> TensorFiles:
+    subfolder, field = LAYOUT[kind]
+    return TensorFiles(folder / subfolder, keys, field)

@@ -24,8 +24,8 @@ from .pipeline import (
     allocate_modules,
     allocation_settings,
     calibrate,
-    covariance_scratch,
     initialise,
+    stats_scratch,
     weights_from_checkpoint,
 )
 from .plan import read_plan, write_plan
@@ -85,9 +85,17 @@ RankAllocation = Annotated[bool, typer.Option(help="Allocate ranks by importance
 AlphaAllocation = Annotated[bool, typer.Option(help="Allocate alphas by importance (off: alpha everywhere).")]
 Method = Annotated[
     str,
-    typer.Option(help="tlora (SVD of W C), w-svd (SVD of W alone), random (standard LoRA), theory (V_r^T C^-1/2)."),
+    typer.Option(
+        help="tlora (SVD of W C), w-svd (SVD of W alone), random (standard LoRA), theory (V_r^T C^-1/2), "
+        "lora-da (LoRA-DA's Fisher-aware subspace, docs/lora-da.md)."
+    ),
 ]
-Damping = Annotated[float, typer.Option(help="theory only: C + damping * I before C^-1/2 (the paper's epsilon).")]
+Damping = Annotated[float, typer.Option(help="theory, lora-da: damping added to C (and to the Fisher diagonal).")]
+LoraDaBeta = Annotated[float, typer.Option(help="lora-da: weight of the variance term (released config: 0.03).")]
+LoraDaPopulation = Annotated[int, typer.Option(help="lora-da: N, the number of fine-tuning examples.")]
+Gradients = Annotated[
+    bool, typer.Option("--gradients", help="Also save the gradient statistics that `--method lora-da` needs.")
+]
 TrainA = Annotated[
     bool | None,
     typer.Option("--train-a/--freeze-a", help="Recorded for the training helper. Default: frozen, trained for random."),
@@ -130,17 +138,20 @@ def calibrate_command(
     seed: Seed = 0,
     engine: Engine = "stream",
     offload_dir: OffloadDir = None,
+    gradients: Gradients = False,
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Run the model on the calibration samples and save covariances and importance scores."""
     reporter = Reporter(quiet)
-    options = CalibrationOptions(num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir)
+    options = CalibrationOptions(
+        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, gradients
+    )
     options.check()
     with atomic_dir(out, overwrite) as tmp:
         source = ModelSource.open(model, revision)
-        calibration, _ = calibrate(source, data, options, reporter, covariance_dir=tmp)
+        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp)
         save_calibration(calibration, tmp)
     reporter.info(f"wrote {out}: {len(calibration.stats.targets)} modules, {calibration.stats.num_tokens} tokens")
 
@@ -190,6 +201,8 @@ def init_command(
     alpha_allocation: AlphaAllocation = True,
     method: Method = "tlora",
     damping: Damping = 1e-6,
+    lora_da_beta: LoraDaBeta = 0.03,
+    lora_da_population: LoraDaPopulation = 100_000,
     train_a: TrainA = None,
     center: Center = False,
     device: Device = None,
@@ -208,13 +221,13 @@ def init_command(
         raise TloraError("--calibration already holds the statistics of its data: drop --data")
     options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
     calib_options = CalibrationOptions(
-        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir
+        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, method == "lora-da"
     )
     calib_options.check()
-    init = InitOptions(method, damping, train_a, seed)
+    init = InitOptions(method, damping, train_a, seed, lora_da_beta, lora_da_population)
     init.check()
     reporter = Reporter(quiet)
-    with atomic_dir(out, overwrite) as tmp, covariance_scratch(offload_dir) as covariance_dir:
+    with atomic_dir(out, overwrite) as tmp, stats_scratch(offload_dir) as stats_dir:
         if calibration_dir:
             calibration = load_calibration(calibration_dir)
             source = ModelSource.open(model or calibration.model["name"], revision)
@@ -222,7 +235,7 @@ def init_command(
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
             source = ModelSource.open(model, revision)
-            calibration, weight_of = calibrate(source, data, calib_options, reporter, covariance_dir)
+            calibration, weight_of = calibrate(source, data, calib_options, reporter, stats_dir)
         if plan:
             allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
         else:

@@ -58,3 +58,34 @@ def random_a(in_features: int, rank: int, generator: torch.Generator) -> torch.T
     """Standard LoRA's A: Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), as PEFT does."""
     bound = 1.0 / in_features**0.5
     return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).float()
+
+
+def lora_da_a(
+    covariance: torch.Tensor,
+    output_grad_sq: torch.Tensor,
+    mean_grad: torch.Tensor,
+    rank: int,
+    beta: float = 0.03,
+    population: int = 100_000,
+    damping: float = 1e-6,
+) -> torch.Tensor:
+    """LoRA-DA's A (docs/lora-da.md sections 4-5): the eigenvectors of the guidance matrix H with the
+    smallest eigenvalues, H = c (Z + dI)^-1 - D D^T, where D is the K-FAC natural-gradient step
+    -(Z + dI)^-1 G^T diag(1/(s + d)) scaled to spectral norm 1 and c = beta tr(diag(1/(s + d))) / (N sigma^2).
+
+    Z is the input covariance (TLoRA's C), s the output-gradient second moments, G the mean gradient,
+    N the size of the fine-tuning set. A dense eigh replaces the paper's LOBPCG: exact and reproducible.
+    """
+    dtype = compute_dtype(covariance, mean_grad)
+    eye = torch.eye(len(covariance), dtype=dtype, device=covariance.device)
+    chol = torch.linalg.cholesky(covariance.to(dtype) + damping * eye)
+    inverse_s = 1.0 / (output_grad_sq.to(dtype) + damping)
+    step = -torch.cholesky_solve(mean_grad.to(dtype).T, chol) * inverse_s  # (in x out)
+    sigma = torch.linalg.matrix_norm(step, ord=2)
+    if not sigma > 0:
+        raise ValueError("the mean gradient is zero: no task signal reached this module")
+    step = step / sigma
+    coefficient = beta * inverse_s.sum() / (population * sigma**2)
+    guidance = coefficient * torch.cholesky_inverse(chol) - step @ step.T
+    _, vectors = torch.linalg.eigh((guidance + guidance.T) / 2)  # ascending eigenvalues
+    return canonical_signs(vectors[:, :rank].T)

@@ -20,7 +20,7 @@ from .allocation import ModuleAllocation, allocate
 from .calibration import Calibration
 from .data import load_calibration_set
 from .errors import TloraError
-from .factorisation import random_a, theory_a, tlora_a, w_svd_a
+from .factorisation import lora_da_a, random_a, theory_a, tlora_a, w_svd_a
 from .model_io import (
     Checkpoint,
     checkpoint_dtype,
@@ -50,6 +50,7 @@ class CalibrationOptions:
     seed: int = 0
     engine: str = "stream"
     offload_dir: Path | None = None
+    gradients: bool = False  # also collect what --method lora-da needs
 
     def check(self) -> None:
         """Fail on bad settings before any model is read."""
@@ -72,7 +73,7 @@ class AllocationOptions:
     alpha_allocation: bool = True
 
 
-METHODS = ("tlora", "w-svd", "random", "theory")
+METHODS = ("tlora", "w-svd", "random", "theory", "lora-da")
 
 
 @dataclass
@@ -83,12 +84,16 @@ class InitOptions:
     damping: float = 1e-6
     train_a: bool | None = None
     seed: int = 0
+    lora_da_beta: float = 0.03  # the released LoRA-DA config's weight on the variance term
+    lora_da_population: int = 100_000  # N: the size of the fine-tuning set, not of the calibration set
 
     def check(self) -> None:
         if self.method not in METHODS:
             raise TloraError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not self.damping > 0:
             raise TloraError(f"--damping must be positive, got {self.damping:g}")
+        if self.lora_da_beta < 0 or self.lora_da_population < 1:
+            raise TloraError("--lora-da-beta must be >= 0 and --lora-da-population >= 1")
 
     @property
     def trains_a(self) -> bool:
@@ -115,13 +120,13 @@ def calibrate(
     data: str | None,
     options: CalibrationOptions,
     reporter: Reporter,
-    covariance_dir: Path | None = None,
+    stats_dir: Path | None = None,
 ) -> tuple[Calibration, WeightOf]:
     """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
 
-    Covariances go to `covariance_dir` as they are finished when one is given (a calibration
-    directory being written), else they stay in host memory. Returns how to read each target's
-    weight, for the factorisation that follows.
+    Statistics go to files under `stats_dir` as they are finished when one is given (a calibration
+    directory being written, or scratch space in --offload-dir), else they stay in host memory.
+    Returns how to read each target's weight, for the factorisation that follows.
     """
     options.check()
     device = pick_device(options.device)
@@ -148,14 +153,21 @@ def calibrate(
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
-            stats = compute_statistics(model, targets, calib_set.samples, options.center, step)
+            stats = compute_statistics(model, targets, calib_set.samples, options.center, step, options.gradients)
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
             streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
         targets = streamed.targets(suffixes)
         stats = stream_statistics(
-            streamed, targets, calib_set.samples, options.center, options.offload_dir, covariance_dir, reporter
+            streamed,
+            targets,
+            calib_set.samples,
+            options.center,
+            options.offload_dir,
+            stats_dir,
+            reporter,
+            options.gradients,
         )
         weight_of = weights_from_checkpoint(source.checkpoint)
     with reporter.phase("fingerprint", "Fingerprinting the model"):
@@ -186,12 +198,12 @@ def calibrate(
 
 
 @contextlib.contextmanager
-def covariance_scratch(offload_dir: Path | None) -> Iterator[Path | None]:
-    """With --offload-dir, a folder there for covariances until the adapter is written; gone afterwards."""
+def stats_scratch(offload_dir: Path | None) -> Iterator[Path | None]:
+    """With --offload-dir, a folder there for the statistics until the adapter is written; gone afterwards."""
     if offload_dir is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="tlora-covariances-", dir=offload_dir) as folder:
+    with tempfile.TemporaryDirectory(prefix="tlora-statistics-", dir=offload_dir) as folder:
         yield Path(folder)
 
 
@@ -254,14 +266,31 @@ def factorise(
             key = stats.input_of[a.name]
             if key != cached_key:
                 cached_key, cov = key, stats.covariances[key].to(device)
-            weight = weight_of(a.name).to(device)
-            if options.method == "theory":
-                result[a.name] = theory_a(weight, cov, a.rank, options.damping).cpu()
+            if options.method == "lora-da":
+                result[a.name] = _lora_da(a, stats, cov, device, options)
+            elif options.method == "theory":
+                result[a.name] = theory_a(weight_of(a.name).to(device), cov, a.rank, options.damping).cpu()
             else:
-                result[a.name] = tlora_a(weight, cov, a.rank).cpu()
+                result[a.name] = tlora_a(weight_of(a.name).to(device), cov, a.rank).cpu()
         if on_module:
             on_module()
     return result
+
+
+def _lora_da(
+    a: ModuleAllocation, stats: Statistics, cov: torch.Tensor, device: str, options: InitOptions
+) -> torch.Tensor:
+    if stats.mean_grads is None or stats.output_grad_sq is None:
+        raise TloraError(
+            "--method lora-da needs gradient statistics: calibrate with `tlora calibrate --gradients`, "
+            "or run `tlora init --method lora-da` without --calibration"
+        )
+    grad, out_sq = stats.mean_grads[a.name].to(device), stats.output_grad_sq[a.name].to(device)
+    try:
+        matrix = lora_da_a(cov, out_sq, grad, a.rank, options.lora_da_beta, options.lora_da_population, options.damping)
+    except ValueError as e:
+        raise TloraError(f"LoRA-DA cannot initialise {a.name}: {e}") from e
+    return matrix.cpu()
 
 
 def package_versions() -> dict[str, str]:
@@ -285,7 +314,12 @@ def metadata(
         "tool": "tlora",
         "method": init.method,
         "train_a": init.trains_a,
-        **({"damping": init.damping} if init.method == "theory" else {}),
+        **({"damping": init.damping} if init.method in ("theory", "lora-da") else {}),
+        **(
+            {"lora_da_beta": init.lora_da_beta, "lora_da_population": init.lora_da_population}
+            if init.method == "lora-da"
+            else {}
+        ),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": calibration.model,
         "data": calibration.data,

@@ -27,6 +27,10 @@ class Statistics:
     scores: dict[str, float]
     num_samples: int
     num_tokens: int
+    # LoRA-DA only (docs/lora-da.md section 3): per module, the mean over samples of dL_n/dW, and
+    # diag E[g g^T] of the gradients g reaching the module's output, averaged over tokens.
+    mean_grads: Mapping[str, torch.Tensor] | None = None
+    output_grad_sq: Mapping[str, torch.Tensor] | None = None
 
 
 class InputGroups:
@@ -78,14 +82,50 @@ def covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor]
     return hook
 
 
-def score_hook(total: torch.Tensor):
+def score_hook(total: torch.Tensor, on_grad: Callable[[torch.Tensor], None] | None = None):
     """Post-accumulate-grad hook: add mean|W * dL_n/dW| to `total`, then free the gradient at once."""
 
     def hook(param: torch.Tensor) -> None:
         total.add_((param.detach().float() * param.grad.float()).abs().mean(dtype=torch.float64))
+        if on_grad:
+            on_grad(param.grad)
         param.grad = None
 
     return hook
+
+
+class GradientMoments:
+    """LoRA-DA's statistics, gathered in the same backward passes as the importance scores."""
+
+    def __init__(self) -> None:
+        self.grad_sum: dict[str, torch.Tensor] = {}
+        self.out_sq: dict[str, torch.Tensor] = {}
+
+    def output_hook(self, name: str):
+        """Forward hook: square the gradient that will reach the module's output, summed over tokens."""
+
+        def add(grad: torch.Tensor) -> None:
+            _add(self.out_sq, name, grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
+
+        def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(add)
+
+        return hook
+
+    def grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        return lambda grad: _add(self.grad_sum, name, grad.detach().float())
+
+    def pop(self, name: str, num_samples: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One module's finished (mean gradient, output-gradient second moments), freed here."""
+        return self.grad_sum.pop(name) / num_samples, self.out_sq.pop(name) / num_tokens
+
+
+def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in acc:
+        acc[name].add_(value)
+    else:
+        acc[name] = value.clone()
 
 
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
@@ -111,20 +151,27 @@ def compute_statistics(
     samples: Sequence[EncodedSample],
     center: bool = False,
     on_sample: Callable[[], None] | None = None,
+    gradients: bool = False,
 ) -> Statistics:
-    """One forward and backward per sample on the whole model; reduces each gradient as it lands."""
+    """One forward and backward per sample on the whole model; reduces each gradient as it lands.
+
+    gradients=True also keeps LoRA-DA's mean gradients and output-gradient moments.
+    """
     device = next(model.parameters()).device
     modules = dict(model.named_modules())
     groups = InputGroups()
     acc: dict[str, torch.Tensor] = {}
     score_acc = {t.name: torch.zeros((), dtype=torch.float64, device=device) for t in targets}
     handles = []
-
+    moments = GradientMoments() if gradients else None
     for t in targets:
         weight = modules[t.name].weight
         weight.requires_grad_(True)
         handles.append(modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc, center)))
-        handles.append(weight.register_post_accumulate_grad_hook(score_hook(score_acc[t.name])))
+        on_grad = moments.grad_hook(t.name) if moments else None
+        handles.append(weight.register_post_accumulate_grad_hook(score_hook(score_acc[t.name], on_grad)))
+        if moments:
+            handles.append(modules[t.name].register_forward_hook(moments.output_hook(t.name)))
     tokens = 0
     try:
         for n, sample in enumerate(samples):
@@ -148,7 +195,7 @@ def compute_statistics(
     bad = first_non_finite(acc)
     if bad:
         raise non_finite_error(bad, model.dtype)
-    return Statistics(
+    stats = Statistics(
         targets=targets,
         input_of=dict(groups.input_of),
         covariances={k: (c / tokens).cpu() for k, c in acc.items()},
@@ -156,3 +203,8 @@ def compute_statistics(
         num_samples=len(samples),
         num_tokens=tokens,
     )
+    if moments:
+        finished = {t.name: moments.pop(t.name, len(samples), tokens) for t in targets}
+        stats.mean_grads = {name: g.cpu() for name, (g, _) in finished.items()}
+        stats.output_grad_sq = {name: s.cpu() for name, (_, s) in finished.items()}
+    return stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .calibration import COVARIANCE_DIR, CovarianceFiles
+from .calibration import TensorSink, sink
 from .data import EncodedSample
 from .errors import TloraError
 from .model_io import Checkpoint
 from .progress import Reporter
 from .statistics import (
+    GradientMoments,
     InputGroups,
     Statistics,
     covariance_hook,
@@ -249,39 +250,21 @@ class StreamedModel:
             return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-class CovarianceSink:
-    """Finished covariances leave the device at once: into host memory, or files in a folder."""
-
-    def __init__(self, folder: Path | None):
-        self.folder = folder
-        self.memory: dict[str, torch.Tensor] = {}
-        self.keys: list[str] = []
-        if folder is not None:
-            (folder / COVARIANCE_DIR).mkdir(parents=True, exist_ok=True)
-
-    def put(self, key: str, covariance: torch.Tensor) -> None:
-        self.keys.append(key)
-        if self.folder is None:
-            self.memory[key] = covariance.cpu()
-        else:
-            save_file(
-                {"covariance": covariance.contiguous().cpu()}, self.folder / COVARIANCE_DIR / f"{key}.safetensors"
-            )
-
-    def result(self) -> Mapping[str, torch.Tensor]:
-        return self.memory if self.folder is None else CovarianceFiles(self.folder / COVARIANCE_DIR, self.keys)
-
-
 def stream_statistics(
     streamed: StreamedModel,
     targets: list[Target],
     samples: Sequence[EncodedSample],
     center: bool,
     offload_dir: Path | None,
-    covariance_dir: Path | None,
+    stats_dir: Path | None,
     reporter: Reporter,
+    gradients: bool = False,
 ) -> Statistics:
-    """Covariance on the way up, importance on the way down; one layer on the device at any time."""
+    """Covariance on the way up, importance on the way down; one layer on the device at any time.
+
+    Finished statistics go to files under `stats_dir` when given, else to host memory;
+    gradients=True also collects LoRA-DA's mean gradients and output-gradient moments.
+    """
     device = streamed.device
     by_layer: dict[int, list[Target]] = {}
     for t in targets:
@@ -298,24 +281,27 @@ def stream_statistics(
                 store.put(f"h0-{n}", hidden)
                 calls.append(sample_calls)
                 step()
-        sink = CovarianceSink(covariance_dir)
+        covariances = sink(stats_dir, "covariance")
         groups = InputGroups()
         with reporter.phase("forward", "Forward, layer by layer", num_layers) as step:
             for layer_index in range(num_layers):
-                _forward_layer(streamed, layer_index, by_layer, samples, calls, store, sink, groups, center)
+                _forward_layer(streamed, layer_index, by_layer, samples, calls, store, covariances, groups, center)
                 step()
+        grads = (sink(stats_dir, "mean_grad"), sink(stats_dir, "output_grad_sq")) if gradients else None
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
-            scores = _stream_backward(streamed, by_layer, samples, ids, calls, store, step)
+            scores = _stream_backward(streamed, by_layer, samples, ids, calls, store, grads, step)
     finally:
         if scratch:
             scratch.cleanup()
     return Statistics(
         targets=targets,
         input_of=dict(groups.input_of),
-        covariances=sink.result(),
+        covariances=covariances.result(),
         scores={name: s / len(samples) for name, s in scores.items()},
         num_samples=len(samples),
         num_tokens=sum(len(s.input_ids) for s in samples),
+        mean_grads=grads[0].result() if grads else None,
+        output_grad_sq=grads[1].result() if grads else None,
     )
 
 
@@ -326,7 +312,7 @@ def _forward_layer(
     samples: Sequence[EncodedSample],
     calls: list[list[tuple[tuple, dict]]],
     store: TensorStore,
-    sink: CovarianceSink,
+    covariances: TensorSink,
     groups: InputGroups,
     center: bool,
 ) -> None:
@@ -354,7 +340,7 @@ def _forward_layer(
         raise non_finite_error(bad, streamed.dtype)
     tokens = sum(len(s.input_ids) for s in samples)
     for key, c in acc.items():
-        sink.put(key, c / tokens)
+        covariances.put(key, c / tokens)
     streamed.unload_layer(layer_index)
 
 
@@ -365,6 +351,7 @@ def _stream_backward(
     ids: list[torch.Tensor],
     calls: list[list[tuple[tuple, dict]]],
     store: TensorStore,
+    grads: tuple[TensorSink, TensorSink] | None,
     step: Step | None,
 ) -> dict[str, float]:
     """Loss at the head, then each layer recomputed with grad; |W * dL_n/dW| is reduced per sample at once."""
@@ -384,10 +371,14 @@ def _stream_backward(
         modules = dict(layer.named_modules(prefix=f"{streamed.prefix}.{layer_index}"))
         acc = {t.name: torch.zeros((), dtype=torch.float64, device=device) for t in by_layer.get(layer_index, [])}
         handles = []
+        moments = GradientMoments() if grads else None
         for name in acc:
             weight = modules[name].weight
             weight.requires_grad_(True)
-            handles.append(weight.register_post_accumulate_grad_hook(score_hook(acc[name])))
+            on_grad = moments.grad_hook(name) if moments else None
+            handles.append(weight.register_post_accumulate_grad_hook(score_hook(acc[name], on_grad)))
+            if moments:
+                handles.append(modules[name].register_forward_hook(moments.output_hook(name)))
         try:
             for n in range(len(samples)):
                 args, kwargs = calls[n][layer_index]
@@ -402,6 +393,12 @@ def _stream_backward(
             for h in handles:
                 h.remove()
         scores.update({name: s.item() for name, s in acc.items()})
+        if moments:
+            tokens = sum(len(s.input_ids) for s in samples)
+            for name in acc:
+                mean_grad, output_grad_sq = moments.pop(name, len(samples), tokens)
+                grads[0].put(name, mean_grad)
+                grads[1].put(name, output_grad_sq)
         streamed.unload_layer(layer_index)
         if step:
             step()
