@@ -372,6 +372,15 @@ def test_load_fewer_available(tok, ten_texts: Path) -> None:
     assert sorted(decoded_numbers(tok, cal)) == list(range(10))
 
 
+def test_load_names_each_sample_by_its_line(tok, tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "d.jsonl", b'{"text": "The quick brown fox."}\n\n{"question": "How many?", "answer": "3"}\n'
+    )
+    cal = load_calibration_set(str(path), tok, 2, 64, seed=0)
+    assert sorted(cal.wheres) == [f"{path}: line 1", f"{path}: line 3"]
+    assert cal.provenance == {} and cal.num_skipped == 0
+
+
 def test_load_counts_and_hash_of_gz_bytes(tok, tmp_path: Path) -> None:
     path = write(tmp_path / "p.jsonl.gz", b'{"prompt": "Question: 1 + 1?", "completion": " 2"}\n')
     cal = load_calibration_set(str(path), tok, 1, 64, seed=0)
@@ -384,17 +393,14 @@ def test_load_counts_and_hash_of_gz_bytes(tok, tmp_path: Path) -> None:
 
 def test_load_errors(tok, ten_texts: Path, tmp_path: Path) -> None:
     with pytest.raises(TloraError) as exc:
-        load_calibration_set("org/some-dataset", tok, 4, 64, 0)
-    assert_error(exc, "no data file 'org/some-dataset'", "hub dataset names are not supported", "--data")
+        load_calibration_set(str(tmp_path / "missing.jsonl"), tok, 4, 64, 0)
+    assert_error(exc, "no data file or dataset named", "missing.jsonl", "a dataset name (metamath, ", "org/name")
     with pytest.raises(TloraError) as exc:
         load_calibration_set(str(ten_texts), tok, 0, 64, 0)
     assert_error(exc, "at least 1", "got 0")
     with pytest.raises(TloraError) as exc:
         load_calibration_set(str(ten_texts), tok, 4, 1, 0)
     assert_error(exc, "at least 2")
-    with pytest.raises(TloraError) as exc:
-        load_calibration_set(str(tmp_path), tok, 4, 64, 0)
-    assert_error(exc, "is a directory")
     short = write(tmp_path / "short.txt", b"long enough line\nx\n")
     with pytest.raises(TloraError) as exc:
         load_calibration_set(str(short), make_tokenizer(add_bos=False), 4, 64, 0)

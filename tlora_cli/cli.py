@@ -14,7 +14,9 @@ from rich.markup import escape
 
 from .allocation import allocate
 from .calibration import load_calibration, save_calibration
+from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
 from .errors import TloraError
+from .model_io import load_tokenizer, resolve_model
 from .output import atomic_dir, atomic_file
 from .pipeline import (
     AllocationOptions,
@@ -47,8 +49,23 @@ Revision = Annotated[str | None, typer.Option(help="Hub revision (branch, tag or
 Data = Annotated[
     str | None,
     typer.Option(
-        "--data", "-d", help="Calibration data: .jsonl/.json/.parquet/.csv/.txt[.gz]. Default: the built-in math set."
+        "--data",
+        "-d",
+        help="A file (.jsonl/.json/.parquet/.csv/.txt[.gz]), a dataset folder, a name (see `tlora data list`), "
+        "NAME=PATH, or a hub id org/name. Default: the built-in math set.",
     ),
+]
+DataConfig = Annotated[str | None, typer.Option(help="Hub dataset config (subset).")]
+DataSplit = Annotated[str | None, typer.Option(help="Hub dataset split. Default: the named set's, else train.")]
+TextField = Annotated[str | None, typer.Option(help="Field holding plain text (every token carries the loss).")]
+PromptField = Annotated[str | None, typer.Option(help="Field holding the prompt (no loss).")]
+ResponseField = Annotated[str | None, typer.Option(help="Field holding the response (the loss).")]
+Template = Annotated[str | None, typer.Option(help="Prompt format string over the record, e.g. 'Q: {question}\\nA:'.")]
+ChatTemplate = Annotated[
+    bool, typer.Option("--chat-template", help="Prompt as the user turn, response as the assistant turn (the loss).")
+]
+Streaming = Annotated[
+    bool | None, typer.Option("--streaming/--no-streaming", help="Stream the hub dataset. Default: by its size.")
 ]
 NumSamples = Annotated[int, typer.Option(help="Calibration samples N.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per sample at most, T.")]
@@ -129,6 +146,14 @@ def calibrate_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Calibration directory to write.")],
     model: Model = None,
     data: Data = None,
+    data_config: DataConfig = None,
+    data_split: DataSplit = None,
+    text_field: TextField = None,
+    prompt_field: PromptField = None,
+    response_field: ResponseField = None,
+    template: Template = None,
+    chat_template: ChatTemplate = False,
+    streaming: Streaming = None,
     num_samples: NumSamples = 32,
     seq_len: SeqLen = 512,
     target_modules: Targets = None,
@@ -145,13 +170,17 @@ def calibrate_command(
 ) -> None:
     """Run the model on the calibration samples and save covariances and importance scores."""
     reporter = Reporter(quiet)
+    data_options = DataOptions(
+        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
+    )
+    data_options.check()
     options = CalibrationOptions(
         num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, gradients
     )
     options.check()
     with atomic_dir(out, overwrite) as tmp:
         source = ModelSource.open(model, revision)
-        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp)
+        calibration, _ = calibrate(source, data_options, options, reporter, stats_dir=tmp)
         save_calibration(calibration, tmp)
     reporter.info(f"wrote {out}: {len(calibration.stats.targets)} modules, {calibration.stats.num_tokens} tokens")
 
@@ -185,6 +214,14 @@ def init_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
     model: Model = None,
     data: Data = None,
+    data_config: DataConfig = None,
+    data_split: DataSplit = None,
+    text_field: TextField = None,
+    prompt_field: PromptField = None,
+    response_field: ResponseField = None,
+    template: Template = None,
+    chat_template: ChatTemplate = False,
+    streaming: Streaming = None,
     calibration_dir: Annotated[
         Path | None,
         typer.Option("--calibration", help="Reuse a `tlora calibrate` directory instead of running the model."),
@@ -217,8 +254,12 @@ def init_command(
     """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
     if plan and (budget_rank is not None or alpha is not None or min_rank is not None or uniform):
         raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
-    if calibration_dir and data:
-        raise TloraError("--calibration already holds the statistics of its data: drop --data")
+    data_options = DataOptions(
+        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
+    )
+    if calibration_dir and data_options != DataOptions():
+        raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
+    data_options.check()
     options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
     calib_options = CalibrationOptions(
         num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, method == "lora-da"
@@ -235,7 +276,7 @@ def init_command(
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
             source = ModelSource.open(model, revision)
-            calibration, weight_of = calibrate(source, data, calib_options, reporter, stats_dir)
+            calibration, weight_of = calibrate(source, data_options, calib_options, reporter, stats_dir)
         if plan:
             allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
         else:
@@ -243,6 +284,51 @@ def init_command(
             settings = allocation_settings(options, len(allocations))
         initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
+
+
+data_app = typer.Typer(help="The calibration datasets tlora knows, and samples as the model sees them.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list_command() -> None:
+    """The dataset names `--data` accepts, with their hub ids, fields and templates."""
+    console = Console()
+    if console.is_terminal:
+        console.print(datasets_table())
+    else:
+        sys.stdout.write(datasets_plain() + "\n")
+
+
+@data_app.command("show")
+def data_show_command(
+    data: Annotated[str, typer.Argument(help="A dataset name, NAME=PATH, a file, a folder or a hub id.")],
+    model: Model = None,
+    data_config: DataConfig = None,
+    data_split: DataSplit = None,
+    text_field: TextField = None,
+    prompt_field: PromptField = None,
+    response_field: ResponseField = None,
+    template: Template = None,
+    chat_template: ChatTemplate = False,
+    streaming: Streaming = None,
+    num_samples: Annotated[int, typer.Option(help="How many samples to show.")] = 3,
+    seq_len: SeqLen = 512,
+    seed: Seed = 0,
+    revision: Revision = None,
+) -> None:
+    """A few samples exactly as the model will see them, the part that carries the loss marked."""
+    options = DataOptions(
+        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
+    )
+    options.check()
+    tokenizer = load_tokenizer(resolve_model(model, revision))
+    calib_set, shown = show_samples(options, tokenizer, num_samples, seq_len, seed)
+    console = Console()
+    if console.is_terminal:
+        console.print(samples_text(calib_set, shown))
+    else:
+        sys.stdout.write(samples_plain(calib_set, shown) + "\n")
 
 
 @app.command("inspect")

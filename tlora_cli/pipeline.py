@@ -18,7 +18,7 @@ from . import __version__
 from .adapter import write_adapter, write_metadata
 from .allocation import ModuleAllocation, allocate
 from .calibration import Calibration
-from .data import load_calibration_set
+from .data import DataOptions, load_calibration_set, rank_warning
 from .errors import TloraError
 from .factorisation import lora_da_a, random_a, theory_a, tlora_a, w_svd_a
 from .model_io import (
@@ -117,7 +117,7 @@ class ModelSource:
 
 def calibrate(
     source: ModelSource,
-    data: str | None,
+    data: DataOptions | str | None,
     options: CalibrationOptions,
     reporter: Reporter,
     stats_dir: Path | None = None,
@@ -143,6 +143,8 @@ def calibrate(
         reporter.info(
             f"{calib_set.num_truncated} of {len(calib_set.samples)} samples were cut to {options.seq_len} tokens"
         )
+    if calib_set.num_skipped:
+        reporter.info(f"{calib_set.num_skipped} records with an empty text, prompt or response were passed over")
     if calib_set.num_available < options.num_samples:
         reporter.warn(
             f"{calib_set.source} has only {calib_set.num_available} samples; using all of them "
@@ -176,7 +178,9 @@ def calibrate(
         stats=stats,
         model={"name": source.name, "fingerprint": fingerprint},
         data={
+            **calib_set.provenance,
             "source": calib_set.source,
+            "num_skipped": calib_set.num_skipped,
             "sha256": calib_set.sha256,
             "num_samples": len(calib_set.samples),
             "num_available": calib_set.num_available,
@@ -354,11 +358,9 @@ def initialise(
     """Factorise and write the adapter into `folder` (the caller makes it appear atomically)."""
     active = sum(1 for a in allocations if a.rank)
     largest = max(a.rank for a in allocations)
-    if calibration.stats.num_tokens < largest:
-        reporter.warn(
-            f"the calibration has {calibration.stats.num_tokens} tokens but a module gets rank {largest}: "
-            "its covariance has fewer directions than A needs; use more or longer samples"
-        )
+    warning = rank_warning(calibration.stats.num_tokens, largest)
+    if warning:
+        reporter.warn(warning)
     device = pick_device(options.device)
     with reporter.phase("factorisation", f"Building A ({init.method})", len(allocations)) as step:
         a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step)

@@ -16,25 +16,28 @@ def check_seq_len(seq_len: int) -> None:
         raise TloraError(f"the sequence length must be at least 2 tokens, got {seq_len}; ask for 2 or more")
 
 
-def encode_sample(sample: Sample, tokenizer: Any, seq_len: int, *, where: str = "a sample") -> EncodedSample:
+def encode_sample(
+    sample: Sample, tokenizer: Any, seq_len: int, *, where: str = "a sample", chat_template: bool = False
+) -> EncodedSample:
     """Text: every token is a target. Pair: prompt + response + EOS, loss on the response and EOS only.
 
-    A too-long pair gives up prompt tokens first (it keeps at least the first one), because the
-    response is what the loss, and so the importance scores, are measured on. `where` names the
-    sample in errors.
+    With `chat_template`, the pair is the tokenizer's chat template over a user turn (the prompt) and an
+    assistant turn (the response): the loss covers what follows the generation prompt, so the template's
+    own end-of-turn token takes the place of EOS. A too-long pair gives up prompt tokens first (it keeps at
+    least the first one), because the response is what the loss, and so the importance scores, are measured
+    on. `where` names the sample in errors.
     """
     check_seq_len(seq_len)
     if not sample.is_pair:
+        if chat_template:
+            raise TloraError(
+                f"{where} is plain text, but a chat template needs a user turn and an assistant turn; "
+                "drop --chat-template, or give prompt/response samples"
+            )
         ids = _ids(tokenizer, sample.text, add_special_tokens=True)
         encoded = EncodedSample(ids[:seq_len], ids[:seq_len], truncated=len(ids) > seq_len)
     else:
-        if tokenizer.eos_token_id is None:
-            raise TloraError(
-                "the tokenizer has no EOS token, which ends every prompt/response sample; "
-                "use a tokenizer that defines eos_token, or give plain 'text' samples"
-            )
-        prompt = _ids(tokenizer, sample.prompt, add_special_tokens=True)
-        response = [*_ids(tokenizer, sample.response, add_special_tokens=False), tokenizer.eos_token_id]
+        prompt, response = _chat_pair(tokenizer, sample, where) if chat_template else _plain_pair(tokenizer, sample)
         truncated = len(prompt) + len(response) > seq_len
         if truncated:
             response = response[: seq_len - min(1, len(prompt))]
@@ -47,6 +50,42 @@ def encode_sample(sample: Sample, tokenizer: Any, seq_len: int, *, where: str = 
             "make it longer or remove it"
         )
     return encoded
+
+
+def _plain_pair(tokenizer: Any, sample: Sample) -> tuple[list[int], list[int]]:
+    if tokenizer.eos_token_id is None:
+        raise TloraError(
+            "the tokenizer has no EOS token, which ends every prompt/response sample; "
+            "use a tokenizer that defines eos_token, or give plain 'text' samples"
+        )
+    prompt = _ids(tokenizer, sample.prompt, add_special_tokens=True)
+    return prompt, [*_ids(tokenizer, sample.response, add_special_tokens=False), tokenizer.eos_token_id]
+
+
+def _chat_pair(tokenizer: Any, sample: Sample, where: str) -> tuple[list[int], list[int]]:
+    """(the user turn up to the assistant's header, the assistant turn), as TRL's SFTTrainer splits a
+    prompt/completion conversation: the whole conversation must start with the prompt's tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TloraError("the tokenizer has no chat template; drop --chat-template, or use --template instead")
+    user = [{"role": "user", "content": sample.prompt}]
+    prompt = _chat_ids(tokenizer, user, where, add_generation_prompt=True)
+    whole = _chat_ids(tokenizer, [*user, {"role": "assistant", "content": sample.response}], where)
+    if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
+        raise TloraError(
+            f"{where}: the tokenizer's chat template does not render the conversation as the user turn plus an "
+            "assistant turn, so the loss cannot be put on the assistant turn alone; drop --chat-template and "
+            "use --template instead"
+        )
+    return prompt, whole[len(prompt) :]
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], where: str, **kwargs: Any) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs))
+    except TemplateError as e:
+        raise TloraError(f"{where}: the tokenizer's chat template failed ({e}); drop --chat-template") from None
 
 
 def _ids(tokenizer: Any, text: str | None, add_special_tokens: bool) -> list[int]:

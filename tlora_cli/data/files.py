@@ -19,6 +19,8 @@ from typing import Any
 from ..errors import TloraError
 from .samples import Sample
 
+Record = tuple[str, Any]  # (where, as errors name it; the raw record)
+
 FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 FORMATS_HELP = ".jsonl, .json, .parquet, .csv or .txt (each optionally .gz-compressed)"
 
@@ -59,17 +61,25 @@ def read_bytes(path: Path) -> bytes:
 
 def read_samples(path: Path) -> list[Sample]:
     """Read every sample of a local .jsonl/.json/.parquet/.csv/.txt file (optionally .gz)."""
-    return read_file(path)[0]
+    return parse_samples(read_bytes(path), str(path))
 
 
-def read_file(path: Path) -> tuple[list[Sample], str]:
-    """(samples, sha256 of the file's bytes as stored), from one read of the file."""
+def read_records(path: Path) -> tuple[list[Record], str]:
+    """((where, record) pairs, sha256 of the file's bytes as stored), from one read of the file."""
     raw = read_bytes(path)
-    return parse_samples(raw, str(path)), hashlib.sha256(raw).hexdigest()
+    return parse_records(raw, str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def parse_samples(raw: bytes, name: str) -> list[Sample]:
-    """Samples from raw file bytes; `name` gives the format (by suffix) and labels every error."""
+    """Samples from raw file bytes, each record's shape told by its field names."""
+    return [record_to_sample(record, where) for where, record in parse_records(raw, name)]
+
+
+def parse_records(raw: bytes, name: str) -> list[Record]:
+    """(where, record) pairs from raw file bytes; `name` gives the format (by suffix) and labels every error.
+
+    A .txt paragraph is the record {"text": paragraph}.
+    """
     suffix, compressed = file_format(name)
     if compressed:
         try:
@@ -79,23 +89,23 @@ def parse_samples(raw: bytes, name: str) -> list[Sample]:
     if not raw:
         raise TloraError(f"{name}: the file is empty; give it at least one sample")
     if suffix == ".parquet":
-        samples = _parquet_samples(raw, name)
+        records = _parquet_records(raw, name)
     else:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise TloraError(f"{name}: not UTF-8 text (bad byte at offset {e.start}); save it as UTF-8") from None
         if suffix == ".jsonl":
-            samples = _jsonl_samples(text, name)
+            records = _jsonl_records(text, name)
         elif suffix == ".json":
-            samples = _json_samples(text, name)
+            records = _json_records(text, name)
         elif suffix == ".csv":
-            samples = _csv_samples(text, name)
+            records = _csv_records(text, name)
         else:
-            samples = _txt_samples(text)
-    if not samples:
+            records = _txt_records(text, name)
+    if not records:
         raise TloraError(f"{name}: the file has no samples; give it at least one")
-    return samples
+    return records
 
 
 def record_to_sample(record: Any, where: str) -> Sample:
@@ -148,22 +158,21 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _jsonl_samples(text: str, name: str) -> list[Sample]:
-    samples = []
+def _jsonl_records(text: str, name: str) -> list[Record]:
+    records = []
     # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and the like.
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{name}: line {number}"
         try:
-            record = json.loads(line)
+            records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise TloraError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line") from None
-        samples.append(record_to_sample(record, where))
-    return samples
+    return records
 
 
-def _json_samples(text: str, name: str) -> list[Sample]:
+def _json_records(text: str, name: str) -> list[Record]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -178,12 +187,12 @@ def _json_samples(text: str, name: str) -> list[Sample]:
         data = data[key]
     if not isinstance(data, list):
         raise TloraError(f"{name}: expected a list of records at the top level, got {_type_name(data)}")
-    return [record_to_sample(record, f"{name}: record {i}") for i, record in enumerate(data, start=1)]
+    return [(f"{name}: record {i}", record) for i, record in enumerate(data, start=1)]
 
 
-def _csv_samples(text: str, name: str) -> list[Sample]:
+def _csv_records(text: str, name: str) -> list[Record]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    samples = []
+    records = []
     try:
         for row in reader:
             where = f"{name}: line {reader.line_num}"
@@ -191,35 +200,34 @@ def _csv_samples(text: str, name: str) -> list[Sample]:
                 raise TloraError(f"{where}: more values than header columns; quote fields that contain commas")
             if None in row.values():
                 raise TloraError(f"{where}: fewer values than header columns; fill in the missing ones")
-            samples.append(record_to_sample(row, where))
+            records.append((where, row))
     except csv.Error as e:
         # line_num counts the lines read successfully; the bad one is the next.
         raise TloraError(
             f"{name}: line {reader.line_num + 1}: malformed CSV ({e}); fix the quoting, or use .jsonl for long texts"
         ) from None
-    return samples
+    return records
 
 
-def _parquet_samples(raw: bytes, name: str) -> list[Sample]:
+def _parquet_records(raw: bytes, name: str) -> list[Record]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise TloraError(f"{name}: reading Parquet needs pyarrow; run `pip install pyarrow`") from None
     try:
-        records = pq.read_table(pa.BufferReader(raw)).to_pylist()
+        rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
     except (pa.ArrowException, OSError) as e:
         reason = " ".join(str(e).split())
         raise TloraError(f"{name}: not a readable Parquet file ({reason}); rewrite it") from None
-    return [record_to_sample(record, f"{name}: record {i}") for i, record in enumerate(records, start=1)]
+    return [(f"{name}: record {i}", row) for i, row in enumerate(rows, start=1)]
 
 
-def _txt_samples(text: str) -> list[Sample]:
+def _txt_records(text: str, name: str) -> list[Record]:
     """Paragraphs (blank-line separated) are samples; a file without blank lines has one per line."""
     paragraphs = list(_paragraphs(line.removesuffix("\r") for line in text.split("\n")))
-    if len(paragraphs) == 1:
-        return [Sample(text=line) for line in paragraphs[0]]
-    return [Sample(text="\n".join(lines)) for lines in paragraphs]
+    texts = paragraphs[0] if len(paragraphs) == 1 else ["\n".join(lines) for lines in paragraphs]
+    return [(f"{name}: sample {i}", {"text": t}) for i, t in enumerate(texts, start=1)]
 
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[list[str]]:

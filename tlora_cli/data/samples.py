@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,20 @@ class EncodedSample:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """The encoded samples plus what the metadata file needs to say where they came from."""
+    """The encoded samples plus what the metadata file needs to say where they came from.
+
+    `sha256` is the file's for a local file; for a dataset read in part (a hub id, a folder) it is the hash
+    of the picked samples' text, which is what the statistics saw. `wheres` names each sample's record.
+    `provenance` holds what the metadata should add for a dataset (hub id, config, split, revision, format).
+    """
 
     samples: list[EncodedSample]
     source: str
     sha256: str
     num_available: int
+    wheres: list[str] = field(default_factory=list)
+    num_skipped: int = 0  # records passed over for an empty text, prompt or response
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
