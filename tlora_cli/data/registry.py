@@ -153,7 +153,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             "train",
             # LLM-Adapters finetune.py generate_prompt (copied by TLoRA's commonsense_train.py): the Alpaca
             # prompts with the output on the line after "### Response:", loss on the output + EOS. Their
-            # f-string also carries its source indentation (and, in LLM-Adapters, "# noqa: E501") into the
+            # f-string also carries its source indentation (and, in LLM-Adapters, a "noqa: E501" comment) into the
             # prompt; that whitespace is an accident of the code and is not reproduced.
             RecordFormat(template=ALPACA + "\n", input_template=ALPACA_INPUT + "\n", response_field="output"),
             "LLM-Adapters finetune.py (Alpaca prompts, output on its own line; output + EOS)",
