@@ -87,3 +87,12 @@ def test_uncached_hub_dataset_offline_is_one_line(tiny_init, model_factory, tmp_
     assert result.code == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "nobody/no-such-dataset" in lines[0] and not out.exists()
+
+
+def test_too_few_tokens_for_the_largest_rank_is_warned(run_cli, model_factory, data_file, tmp_path):
+    args = ["--model", model_factory("llama"), "--data", data_file, "--num-samples", "2", "--seq-len", "8"]
+    assert run_cli("calibrate", *args, "-q", "-o", tmp_path / "calib").code == 0
+    result = run_cli("allocate", tmp_path / "calib", "--budget-rank", "20", "-o", tmp_path / "plan.json")
+    assert result.code == 0 and "warning:" in result.stderr and "16 tokens" in result.stderr
+    result = run_cli("init", *args, "--budget-rank", "20", "-o", tmp_path / "out")
+    assert result.code == 0 and "fewer directions than A needs" in result.stderr

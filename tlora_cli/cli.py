@@ -14,7 +14,15 @@ from rich.markup import escape
 
 from .allocation import allocate
 from .calibration import load_calibration, save_calibration
-from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
+from .data import (
+    DataOptions,
+    datasets_plain,
+    datasets_table,
+    rank_warning,
+    samples_plain,
+    samples_text,
+    show_samples,
+)
 from .errors import TloraError
 from .model_io import load_tokenizer, resolve_model
 from .output import atomic_dir, atomic_file
@@ -204,7 +212,11 @@ def allocate_command(
     allocations = allocate_modules(calibration.stats, options)
     with atomic_file(out, overwrite) as tmp:
         write_plan(tmp, allocations, allocation_settings(options, len(allocations)), calibration.model["fingerprint"])
-    Reporter(quiet).info(
+    reporter = Reporter(quiet)
+    warning = rank_warning(calibration.stats.num_tokens, max(a.rank for a in allocations))
+    if warning:
+        reporter.warn(warning)
+    reporter.info(
         f"wrote {out}: {sum(a.rank for a in allocations)} ranks over {sum(1 for a in allocations if a.rank)} modules"
     )
 
