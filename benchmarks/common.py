@@ -25,6 +25,8 @@ REPO = BENCH_DIR.parent
 # Big random checkpoints stay outside the repository.
 DEFAULT_CACHE = Path(os.environ.get("TLORA_BENCH_CACHE", "/work/bench-cache"))
 MIB = 1024 * 1024
+# tlora's default targets on Llama-style models.
+SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def tlora_script() -> str:
@@ -69,7 +71,7 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def wait_until_quiet(max_load: float, tries: int, pause_s: float) -> float:
+def wait_until_quiet(max_load: float, tries: int = 4, pause_s: float = 30) -> float:
     """Wait (a few times at most) for the 1-minute load average to drop to `max_load`; returns the last reading."""
     load = load_average()
     for _ in range(tries):

@@ -41,6 +41,8 @@ CONFIGS: dict[str, dict[str, int]] = {
         "max_position_embeddings": 4096,
     },
 }
+# Llama-2-7B's width with a quarter of its depth: the streaming engine's peak memory should not change.
+CONFIGS["llama-2-7b-8-layers"] = {**CONFIGS["llama-2-7b"], "num_hidden_layers": 8}
 
 
 def tensor_shapes(shape: dict[str, int]) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -17,6 +17,7 @@ import torch
 from common import (
     BENCH_DIR,
     DEFAULT_CACHE,
+    SUFFIXES,
     Measured,
     append_results,
     fmt_mib,
@@ -32,8 +33,7 @@ from safetensors import safe_open
 
 from tlora_cli.factorisation import tlora_a
 
-MODELS = ("smollm2-135m", "tinyllama-1.1b", "llama-2-7b")
-SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODELS = ("smollm2-135m", "tinyllama-1.1b", "llama-2-7b-8-layers", "llama-2-7b")
 STREAM_PHASES = ("data", "load", "capture", "forward", "backward", "fingerprint")
 
 
@@ -95,22 +95,27 @@ def main() -> None:
     for name in args.models:
         path = model_dir(name, args.cache)
         work = args.cache / "runs" / name
+        work.mkdir(parents=True, exist_ok=True)
         shapes = checkpoint_shapes(path)
         params = sum(math.prod(s) for s in shapes.values())
         disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        targets = {k.removesuffix(".weight"): s for k, s in shapes.items() if k.removesuffix(".weight").endswith(SUFFIXES)}
+        targets = {
+            k.removesuffix(".weight"): s for k, s in shapes.items() if k.removesuffix(".weight").endswith(SUFFIXES)
+        }
 
-        wait_until_quiet(args.max_load, tries=10, pause_s=30)
+        wait_until_quiet(args.max_load)
         stream = calibrate(path, work / "calib-stream", args)
         commands.append(shell(stream.command))
         stream_timings = timings(work / "calib-stream", "calibration.json")
+        calib_size = sum(f.stat().st_size for f in (work / "calib-stream").rglob("*") if f.is_file())
         phase_rows.append([name, *(f"{stream_timings.get(p, 0):.1f}" for p in STREAM_PHASES), f"{stream.wall_s:.1f}"])
 
         available = _mem_available_bytes()
         whole_needs = 4 * params  # --dtype auto computes in float32 on CPU
         if whole_needs < 0.8 * available:
-            wait_until_quiet(args.max_load, tries=10, pause_s=30)
+            wait_until_quiet(args.max_load)
             whole = calibrate(path, work / "calib-whole", args, "--engine", "whole")
+            shutil.rmtree(work / "calib-whole")  # covariances of a 7B model take 20+ GB of disk
             commands.append(shell(whole.command))
             whole_rss, whole_wall = fmt_mib(whole.peak_rss_mib), f"{whole.wall_s:.1f}"
         else:
@@ -126,6 +131,7 @@ def main() -> None:
         if estimate > 60 * args.factorisation_minutes:
             layer = max(int(t.split(".layers.")[1].split(".")[0]) for t in targets)
             last = [t.removeprefix("model.") for t in targets if f".layers.{layer}." in t]
+            shutil.rmtree(calib)
             calib = work / "calib-last-layer"
             commands.append(shell(calibrate(path, calib, args, "--target-modules", ",".join(last)).command))
             factorised = f"{len(last)} (layer {layer})"
@@ -134,11 +140,10 @@ def main() -> None:
                 f"here (one tlora_a per shape, timed); the init ran on a calibration of layer {layer}'s "
                 f"{len(last)} projections, one of each shape, which peaks like any module."
             )
-        wait_until_quiet(args.max_load, tries=10, pause_s=30)
-        init = run_measured(
-            [tlora_script(), "init", "--model", path, "--calibration", calib, "--budget-rank", args.budget_rank]
-            + ["--device", "cpu", "--quiet", "--overwrite", "-o", work / "adapter"]
-        ).check()
+        wait_until_quiet(args.max_load)
+        command = [tlora_script(), "init", "--model", path, "--calibration", calib, "--budget-rank", args.budget_rank]
+        command += ["--device", "cpu", "--quiet", "--overwrite", "-o", work / "adapter"]
+        init = run_measured(command).check()
         commands.append(shell(init.command))
         init_timings = timings(work / "adapter", "tlora_metadata.json")
         rows.append(
@@ -147,16 +152,18 @@ def main() -> None:
                 f"{disk / 1e9:.2f} GB",
                 f"{params / 1e9:.3f} B",
                 fmt_mib(stream.peak_rss_mib),
+                f"{calib_size / 1e9:.2f} GB",
                 whole_rss,
                 f"{stream.wall_s:.1f}",
                 whole_wall,
                 fmt_mib(init.peak_rss_mib),
+                f"{init.wall_s:.1f}",
                 f"{init_timings['factorisation']:.1f}",
                 factorised,
                 f"{stream.load_at_start:.2f}",
             ]
         )
-        shutil.rmtree(work)  # covariances of a 7B model take 20+ GB
+        shutil.rmtree(work)
 
     table = markdown_table(
         [
@@ -164,10 +171,12 @@ def main() -> None:
             "checkpoint on disk",
             "params",
             "peak RSS calibrate, stream",
+            "calibration folder",
             "peak RSS calibrate, whole",
             "wall s, stream",
             "wall s, whole",
             "peak RSS init --calibration",
+            "wall s, init",
             "factorisation s",
             "modules factorised",
             "load at start",

@@ -1,0 +1,327 @@
+"""Fine-tune SmolLM2-135M from each adapter arm on generated math word problems and score it on held-out ones.
+
+Every arm gets the same rank budget, data order, optimizer, learning rate, batch size and number of steps;
+only `tlora init`'s flags differ. Results go to a JSON file after every (arm, seed), so an interrupted run
+resumes where it stopped: rerun the same command. `report.py` turns the JSON into RESULTS-quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tlora_cli.builtin_model import builtin_model_path
+from tlora_cli.data import Sample, encode_sample
+from tlora_cli.data.math_problems import generate_problems
+from tlora_cli.training import load_for_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
+from common import machine, tlora_script
+
+QUALITY_DIR = Path(__file__).resolve().parent
+# Arm id -> (label, `tlora init` flags). The rank budget and alpha are added to every one.
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("LoRA (random A, A+B trained)", ["--method", "random", "--uniform"]),
+    "w-svd": ("W-SVD (A frozen)", ["--method", "w-svd", "--uniform"]),
+    "tlora-init": ("TLoRA init only (uniform, A frozen)", ["--uniform"]),
+    "tlora-rank": ("+ rank allocation", ["--no-alpha-allocation"]),
+    "tlora-alpha": ("+ alpha allocation", ["--no-rank-allocation"]),
+    "tlora": ("full TLoRA", []),
+    "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
+}
+# Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
+SEEDED_ARMS = {"lora"}
+CALIBRATION_SET_SEED, TRAIN_SEED, TEST_SEED = 0, 1, 2  # seed 0 is the shipped calibration set
+ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def prompt_of(problem: dict) -> str:
+    return f"Question: {problem['question']}\nAnswer:"
+
+
+def completion_of(problem: dict) -> str:
+    return f" {problem['answer']}"
+
+
+def make_splits(num_train: int, num_test: int) -> tuple[list[dict], list[dict], dict]:
+    """Train and test sets from their own seeds, with every question also found elsewhere dropped.
+
+    Questions of the shipped calibration set (seed 0) are dropped from both, so that no split shares a
+    question with another one or with the data the package ships.
+    """
+    shipped = {p["question"] for p in generate_problems(400, CALIBRATION_SET_SEED)}
+    train_all = generate_problems(num_train, TRAIN_SEED)
+    train = [p for p in train_all if p["question"] not in shipped]
+    taken = shipped | {p["question"] for p in train}
+    test_all = generate_problems(2 * num_test, TEST_SEED)
+    test = [p for p in test_all if p["question"] not in taken][:num_test]
+    train_q, test_q = {p["question"] for p in train}, {p["question"] for p in test}
+    if train_q & test_q or train_q & shipped or test_q & shipped or len(test) < num_test:
+        raise SystemExit("the splits overlap or the test set came out short: change the sizes")
+    info = {
+        "train_seed": TRAIN_SEED,
+        "test_seed": TEST_SEED,
+        "train_generated": len(train_all),
+        "train_dropped": len(train_all) - len(train),
+        "test_generated": len(test_all),
+        "test_dropped_overlap": sum(p["question"] in taken for p in test_all),
+        "train": len(train),
+        "test": len(test),
+    }
+    return train, test, info
+
+
+def write_jsonl(path: Path, problems: list[dict]) -> None:
+    """The training format as prompt/completion records: what `tlora calibrate --data` reads."""
+    lines = [json.dumps({"prompt": prompt_of(p), "completion": completion_of(p)}) for p in problems]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_tlora(args: list[str]) -> tuple[float, str]:
+    """One `tlora` command; returns its wall time and the command line as typed."""
+    command = [tlora_script(), *args]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start, " ".join(["tlora", *args])
+
+
+def allocation_summary(adapter: Path) -> dict:
+    """What the allocation did, from `tlora inspect --json`: how concentrated the ranks and scalings are."""
+    done = subprocess.run([tlora_script(), "inspect", str(adapter), "--json"], capture_output=True, text=True)
+    summary = json.loads(done.stdout)
+    modules = sorted(summary["modules"], key=lambda m: -m["rank"])
+    ranks = [m["rank"] for m in modules]
+    scalings = sorted(m["scaling"] for m in modules)
+    top = max(1, math.ceil(len(modules) / 10))
+    return {
+        "modules_with_adapter": len(modules),
+        "total_rank": sum(ranks),
+        "rank_min": min(ranks),
+        "rank_max": max(ranks),
+        "top10pct_rank_share": sum(ranks[:top]) / sum(ranks),
+        "scaling_min": scalings[0],
+        "scaling_median": scalings[len(scalings) // 2],
+        "scaling_max": scalings[-1],
+        "params_b": summary["totals"]["params_b"],
+        "params_ab": summary["totals"]["params_ab"],
+        "rank_share_by_type": {k: v["share_of_rank"] for k, v in summary["by_type"].items()},
+        "modules": [{k: m[k] for k in ("name", "rank", "scaling")} for m in summary["modules"]],
+    }
+
+
+def encode(problems: list[dict], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Exactly the tokens and loss mask `tlora calibrate` uses: prompt + completion + EOS, loss on the latter."""
+    out = []
+    for p in problems:
+        e = encode_sample(Sample(prompt=prompt_of(p), response=completion_of(p)), tokenizer, seq_len)
+        out.append((e.input_ids, e.labels))
+    return out
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding; padded positions carry no loss and no attention."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = [i + [pad_id] * (length - len(i)) for i, _ in rows]
+    labels = [lab + [-100] * (length - len(lab)) for _, lab in rows]
+    mask = [[1] * len(i) + [0] * (length - len(i)) for i, _ in rows]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def fresh_base(path: Path) -> torch.nn.Module:
+    """The bf16 checkpoint as a float32 model: every run starts from identical base weights."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).float()
+
+
+def train(model: torch.nn.Module, batches: list[dict], lr: float, warmup: int) -> tuple[list[float], float]:
+    """AdamW, linear warm-up then linear decay to zero, gradients clipped at 1; returns per-step losses, seconds."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
+    )
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, time.perf_counter() - start
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> float:
+    """Mean token cross-entropy over every answer token of the test set (token-weighted, not per problem)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), 8):
+        batch = collate(encoded[i : i + 8], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def parse_final(text: str) -> float | None:
+    match = ANSWER.search(text)
+    return float(match.group(1).replace(",", "")) if match else None
+
+
+@torch.no_grad()
+def exact_match(
+    model: torch.nn.Module, tokenizer, problems: list[dict], batch_size: int, max_new_tokens: int
+) -> tuple[float, list[float | None]]:
+    """Greedy answers, batched with left padding; a match is the number after '####' equal to `final`."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    parsed: list[float | None] = []
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        inputs = tokenizer([prompt_of(p) for p in chunk], return_tensors="pt", padding=True)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        parsed += [parse_final(t) for t in texts]
+    hits = sum(v is not None and abs(v - p["final"]) < 1e-6 for v, p in zip(parsed, problems))
+    return hits / len(problems), parsed
+
+
+def evaluate(model: torch.nn.Module, tokenizer, test: list[dict], test_encoded: list, args) -> dict:
+    start = time.perf_counter()
+    loss = heldout_loss(model, test_encoded, tokenizer.pad_token_id)
+    em, parsed = exact_match(model, tokenizer, test, args.gen_batch_size, args.max_new_tokens)
+    return {"heldout_loss": loss, "exact_match": em, "parsed": parsed, "eval_s": time.perf_counter() - start}
+
+
+def save(path: Path, results: dict) -> None:
+    """Write through a temporary file so a crash mid-write never leaves half a JSON."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work-dir", type=Path, default=Path("/work/bench-cache/quality"))
+    parser.add_argument("--results", type=Path, default=QUALITY_DIR / "results.json")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget-rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-test", type=int, default=64)
+    parser.add_argument("--gen-batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    (args.work_dir / "adapters").mkdir(parents=True, exist_ok=True)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("work_dir", "results", "arms", "seeds")}
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    if results.get("protocol", protocol) != protocol:
+        raise SystemExit(f"{args.results} holds runs under another protocol: move it away or pass the same flags")
+    results.update(protocol=protocol, machine=machine())
+    results.setdefault("command", " ".join(["python", *sys.argv]))
+    for key in ("inits", "runs"):
+        results.setdefault(key, {})
+
+    base_path = builtin_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    train_set, test_set, results["splits"] = make_splits(args.num_train, args.num_test)
+    train_file = args.work_dir / "train.jsonl"
+    write_jsonl(train_file, train_set)
+    train_encoded = encode(train_set, tokenizer, args.seq_len)
+    test_encoded = encode(test_set, tokenizer, args.seq_len)
+
+    calib = args.work_dir / "calibration"
+    if "calibration" not in results:
+        seconds, command = run_tlora(
+            ["calibrate", "--data", str(train_file), "--num-samples", str(args.num_samples), "--seq-len",
+             str(args.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--quiet", "--overwrite",
+             "-o", str(calib)]
+        )  # fmt: skip
+        results["calibration"] = {"seconds": seconds, "command": command}
+        save(args.results, results)
+    if "baseline" not in results:  # B = 0 in every arm: one evaluation of the untouched model stands for all
+        results["baseline"] = evaluate(fresh_base(base_path), tokenizer, test_set, test_encoded, args)
+        save(args.results, results)
+        print(f"baseline: {results['baseline']['heldout_loss']:.4f} {results['baseline']['exact_match']:.3f}")
+
+    for seed in args.seeds:
+        order = random.Random(seed).sample(range(len(train_encoded)), args.steps * args.batch_size)
+        batches = [
+            collate([train_encoded[j] for j in order[i : i + args.batch_size]], tokenizer.pad_token_id)
+            for i in range(0, len(order), args.batch_size)
+        ]
+        for arm in args.arms:
+            key = f"{arm}/{seed}"
+            if key in results["runs"]:
+                continue
+            init_key = f"{arm}-s{seed}" if arm in SEEDED_ARMS else arm
+            adapter = args.work_dir / "adapters" / init_key
+            if init_key not in results["inits"]:
+                flags = [*ARMS[arm][1], "--budget-rank", str(args.budget_rank), "--alpha", f"{args.alpha:g}"]
+                seconds, command = run_tlora(
+                    ["init", "--calibration", str(calib), *flags, "--seed", str(seed), "--device", "cpu",
+                     "--quiet", "--overwrite", "-o", str(adapter)]
+                )  # fmt: skip
+                results["inits"][init_key] = {"seconds": seconds, "command": command, **allocation_summary(adapter)}
+                save(args.results, results)
+            torch.manual_seed(seed)
+            model = load_for_training(fresh_base(base_path), adapter)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            load_start = os.getloadavg()[0]
+            losses, train_s = train(model, batches, args.lr, args.warmup)
+            results["runs"][key] = {
+                "arm": arm,
+                "seed": seed,
+                "init": init_key,
+                "trainable": trainable,
+                "train_s": train_s,
+                "train_loss": losses,
+                "load_start": load_start,
+                **evaluate(model, tokenizer, test_set, test_encoded, args),
+                "load_end": os.getloadavg()[0],
+            }
+            save(args.results, results)
+            run = results["runs"][key]
+            print(
+                f"{key}: heldout {run['heldout_loss']:.4f} em {run['exact_match']:.3f} "
+                f"train {train_s:.0f}s eval {run['eval_s']:.0f}s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
