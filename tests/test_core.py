@@ -55,27 +55,10 @@ def test_calibration_equals_independent_float64_computation(arch, center, model_
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_init_matches_reference_and_loads_in_peft(arch, model_factory, data_file, tmp_path, run_cli):
+def test_init_matches_reference_and_loads_in_peft(arch, model_factory, data_file, tmp_path, tiny_init):
     model_dir = model_factory(arch)
     out = tmp_path / "adapter"
-    result = run_cli(
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--num-samples",
-        N,
-        "--seq-len",
-        T,
-        "--budget-rank",
-        1,
-        "--alpha",
-        4,
-        "-o",
-        out,
-        "--quiet",
-    )
+    result = tiny_init(model_dir, out, "--budget-rank", 1, "--alpha", 4, samples=N, seq_len=T)
     assert result.code == 0, result.stderr
     ref = reference_statistics(model_dir, _samples(model_dir, data_file), SUFFIXES)
     shapes = [tuple(ref.weights[n].shape) for n in ref.names]
