@@ -174,7 +174,7 @@ def append_results(path: Path, title: str, tables: Sequence[str], commands: Sequ
     ]
     if notes:
         body += [notes.strip(), ""]
-    text = "\n".join(body)
+    text = "\n".join(body) + "\n"
     print(text)
     exists = path.is_file()
     with path.open("a") as f:

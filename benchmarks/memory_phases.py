@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -71,12 +72,14 @@ def run_with_phases(tlora_args: list[str]) -> list[list[str]]:
         reset_peak()
 
     progress.Reporter.phase = phase
-    sys.argv = ["tlora", *tlora_args]
+    own_argv, sys.argv = sys.argv, ["tlora", *tlora_args]
     try:
         main()
     except SystemExit as e:
         if e.code not in (0, None):
             raise
+    finally:
+        sys.argv = own_argv
     end = snapshot()
     outside["peak"] = max(outside["peak"], end["VmHWM"])
     rows.append(
@@ -107,11 +110,13 @@ def main() -> None:
         ["phase", "seconds", "RSS at start", "peak in phase", "RSS at end", "anonymous at end", "file-backed at end"],
         rows,
     )
+    # glibc reads its malloc tunables from the environment at start-up; they change what RSS keeps.
+    tunables = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "GLIBC_")))
     append_results(
         args.results,
-        f"Memory per phase of `tlora {' '.join(tlora_args[:1])}`",
+        f"Memory per phase of `tlora {' '.join(tlora_args[:1])}`" + (f" with {tunables}" if tunables else ""),
         [table],
-        ["tlora " + " ".join(tlora_args)],
+        [" ".join([tunables, "tlora", *tlora_args]).strip()],
         f"Load average at start: {load:.2f}.",
     )
 

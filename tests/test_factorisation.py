@@ -109,6 +109,19 @@ def test_lora_da_without_variance_is_the_natural_gradient_subspace():
     assert _subspace_overlap(a, vecs[:, vals.argsort(descending=True)[:4]].T) > 0.9999
 
 
+def test_lora_da_accepts_a_covariance_summed_in_float32_with_slightly_negative_eigenvalues():
+    # Real case (SmolLM2's down_proj): rank-deficient inputs of large scale, X^T X summed in float32.
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(40, 24, generator=g) @ torch.randn(24, 64, generator=g) * 30.0  # rank 24 of 64
+    z = (x.T @ x / 40).float()
+    assert torch.linalg.eigvalsh(z.double()).min() < -1e-6  # what made Cholesky fail
+    s = torch.rand(16, generator=g, dtype=torch.float64) * 1e-3 + 1e-4
+    grad = torch.randn(16, 40, generator=g, dtype=torch.float64) @ x.double() * 1e-4  # rows in the inputs' span
+    a = lora_da_a(z, s, grad, 4)
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a @ a.T, torch.eye(4, dtype=a.dtype), atol=1e-6)
+
+
 def test_lora_da_refuses_a_zero_gradient():
     z, s, grad = _lora_da_inputs(9)
     with pytest.raises(ValueError, match="zero"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,21 +37,36 @@ def test_streamed_statistics_and_adapter_equal_the_whole_model(
     arch, options, model_factory, data_file, tmp_path, run_cli, monkeypatch
 ):
     model_dir = model_factory(arch, **options)
-    # Count the decoder layers holding real weights whenever one is loaded: never more than one.
-    loaded: set[int] = set()
-    original_load, original_unload = StreamedModel.load_layer, StreamedModel.unload_layer
+    # Whenever something large is read onto the device, nothing else large is there: one decoder layer, or
+    # the embeddings (capture), or the head (loss), never two of these at once.
+    loaded: set[str] = set()
+    original_load, original_unload, original_holding = (
+        StreamedModel.load_layer,
+        StreamedModel.unload_layer,
+        StreamedModel.holding,
+    )
 
     def load(self, index):
-        loaded.add(index)
-        assert len(loaded) == 1, f"layers {sorted(loaded)} on the device at once"
+        loaded.add(f"layer {index}")
+        assert len(loaded) == 1, f"{sorted(loaded)} on the device at once"
         return original_load(self, index)
 
     def unload(self, index):
-        loaded.discard(index)
+        loaded.discard(f"layer {index}")
         return original_unload(self, index)
+
+    @contextlib.contextmanager
+    def holding(self, module):
+        name = "embeddings" if module is self.embeddings else "head"
+        loaded.add(name)
+        assert len(loaded) == 1, f"{sorted(loaded)} on the device at once"
+        with original_holding(self, module):
+            yield
+        loaded.discard(name)
 
     monkeypatch.setattr(StreamedModel, "load_layer", load)
     monkeypatch.setattr(StreamedModel, "unload_layer", unload)
+    monkeypatch.setattr(StreamedModel, "holding", holding)
     for engine in ("stream", "whole"):
         for command in ("calibrate", "init"):
             out = tmp_path / f"{command}-{engine}"

@@ -75,17 +75,20 @@ def lora_da_a(
 
     Z is the input covariance (TLoRA's C), s the output-gradient second moments, G the mean gradient,
     N the size of the fine-tuning set. A dense eigh replaces the paper's LOBPCG: exact and reproducible.
+    Z is inverted through its eigendecomposition with eigenvalues clamped at 0, not by Cholesky as the
+    released code does: a covariance summed in float32 has eigenvalues a little below 0 in the directions
+    its inputs never span, far larger than an absolute 1e-6 damping, and Cholesky fails on it.
     """
     dtype = compute_dtype(covariance, mean_grad)
-    eye = torch.eye(len(covariance), dtype=dtype, device=covariance.device)
-    chol = torch.linalg.cholesky(covariance.to(dtype) + damping * eye)
+    values, vectors = torch.linalg.eigh(covariance.to(dtype))
+    inverse_z = (vectors / (values.clamp_min(0) + damping)) @ vectors.T
     inverse_s = 1.0 / (output_grad_sq.to(dtype) + damping)
-    step = -torch.cholesky_solve(mean_grad.to(dtype).T, chol) * inverse_s  # (in x out)
+    step = -(inverse_z @ mean_grad.to(dtype).T) * inverse_s  # (in x out)
     sigma = torch.linalg.matrix_norm(step, ord=2)
     if not sigma > 0:
         raise ValueError("the mean gradient is zero: no task signal reached this module")
     step = step / sigma
     coefficient = beta * inverse_s.sum() / (population * sigma**2)
-    guidance = coefficient * torch.cholesky_inverse(chol) - step @ step.T
+    guidance = coefficient * inverse_z - step @ step.T
     _, vectors = torch.linalg.eigh((guidance + guidance.T) / 2)  # ascending eigenvalues
     return canonical_signs(vectors[:, :rank].T)

@@ -173,20 +173,39 @@ class StreamedModel:
             if buf is not None:
                 module._buffers[bname] = buf.to(self.device)
 
+    def _release(self, module: torch.nn.Module) -> None:
+        for owner in module.modules():
+            for pname, param in list(owner._parameters.items()):
+                if param is not None:
+                    owner._parameters[pname] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
     def _load_resident(self) -> None:
-        """Everything outside the decoder layers: embeddings, norms, head, rotary buffers."""
-        head, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        tied = head is not None and "lm_head.weight" not in self.key_of and head is not embeddings
-        for name, module in self.model.named_modules():
-            if name == self.prefix or name.startswith(f"{self.prefix}."):
-                continue
-            if module is head and tied:
-                continue
-            self._load(module, name)
-        if tied:
+        """The small modules outside the decoder layers (final norm, rotary buffers) stay on the device.
+
+        The embeddings and the head are as large as a layer or larger (2 x 0.5 GB in float32 for Llama-2-7B),
+        so they are read only while used: the embeddings for the capture, the head for the loss.
+        """
+        self.embeddings, self.head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        names = {id(module): name for name, module in self.model.named_modules()}
+        self.name_of = {id(m): names[id(m)] for m in (self.embeddings, self.head) if m is not None}
+        head_key = f"{self.name_of.get(id(self.head))}.weight"
+        if self.head is not None and self.head is not self.embeddings and head_key not in self.key_of:
             if not getattr(self.config.get_text_config(), "tie_word_embeddings", False):
                 raise TloraError("the checkpoint has no output head weight and its config does not tie it")
-            head.weight = embeddings.weight
+            self.key_of[head_key] = self.key_of[f"{self.name_of[id(self.embeddings)]}.weight"]  # tied: same tensor
+        for name, module in self.model.named_modules():
+            if name == self.prefix or name.startswith(f"{self.prefix}.") or id(module) in self.name_of:
+                continue
+            self._load(module, name)
+
+    @contextlib.contextmanager
+    def holding(self, module: torch.nn.Module) -> Iterator[None]:
+        """The embeddings or the head, on the device for the duration only."""
+        self._load(module, self.name_of[id(module)])
+        try:
+            yield
+        finally:
+            self._release(module)
 
     def load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]
@@ -195,11 +214,7 @@ class StreamedModel:
         return layer
 
     def unload_layer(self, index: int) -> None:
-        layer = self.layers[index]
-        for owner in layer.modules():
-            for pname, param in list(owner._parameters.items()):
-                if param is not None:
-                    owner._parameters[pname] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        self._release(self.layers[index])
 
     def targets(self, suffixes: tuple[str, ...]) -> list[Target]:
         targets = find_targets(self.model, suffixes)
@@ -224,7 +239,10 @@ class StreamedModel:
                 self.layers[i] = layer
 
     def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
-        """What layer 0 receives, and every layer's other arguments, as the model's own forward builds them."""
+        """What layer 0 receives, and every layer's other arguments, as the model's own forward builds them.
+
+        Runs inside holding(self.embeddings).
+        """
         first: list[torch.Tensor] = []
         calls: list[tuple[tuple, dict]] = []
 
@@ -240,14 +258,17 @@ class StreamedModel:
             self.model(input_ids=input_ids, use_cache=False)
         return first[0], calls
 
-    def logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The model's own head (final norm, lm_head, soft-capping...) applied to the last layer's output."""
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own head (final norm, lm_head, soft-capping...) applied to the last layer's output.
+
+        Runs inside holding(self.head); the layers' input is injected, so the embeddings are not needed.
+        """
 
         def inject(index: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
             return last_hidden
 
         with self.stand_ins(inject):
-            return self.model(input_ids=input_ids, use_cache=False).logits
+            return self.model(inputs_embeds=torch.zeros_like(last_hidden.detach()), use_cache=False).logits
 
 
 def stream_statistics(
@@ -275,7 +296,8 @@ def stream_statistics(
     scratch = tempfile.TemporaryDirectory(prefix="tlora-offload-", dir=offload_dir) if offload_dir else None
     try:
         store = TensorStore(Path(scratch.name) if scratch else None)
-        with reporter.phase("capture", "Capturing layer inputs", len(ids)) as step:
+        capture = reporter.phase("capture", "Capturing layer inputs", len(ids))
+        with capture as step, streamed.holding(streamed.embeddings):
             for n, input_ids in enumerate(ids):
                 hidden, sample_calls = streamed.capture(input_ids)
                 store.put(f"h0-{n}", hidden)
@@ -289,7 +311,7 @@ def stream_statistics(
                 step()
         grads = (sink(stats_dir, "mean_grad"), sink(stats_dir, "output_grad_sq")) if gradients else None
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
-            scores = _stream_backward(streamed, by_layer, samples, ids, calls, store, grads, step)
+            scores = _stream_backward(streamed, by_layer, samples, calls, store, grads, step)
     finally:
         if scratch:
             scratch.cleanup()
@@ -340,7 +362,7 @@ def _forward_layer(
         raise non_finite_error(bad, streamed.dtype)
     tokens = sum(len(s.input_ids) for s in samples)
     for key, c in acc.items():
-        covariances.put(key, c / tokens)
+        covariances.put(key, c.div_(tokens))
     streamed.unload_layer(layer_index)
 
 
@@ -348,7 +370,6 @@ def _stream_backward(
     streamed: StreamedModel,
     by_layer: dict[int, list[Target]],
     samples: Sequence[EncodedSample],
-    ids: list[torch.Tensor],
     calls: list[list[tuple[tuple, dict]]],
     store: TensorStore,
     grads: tuple[TensorSink, TensorSink] | None,
@@ -357,14 +378,15 @@ def _stream_backward(
     """Loss at the head, then each layer recomputed with grad; |W * dL_n/dW| is reduced per sample at once."""
     device = streamed.device
     num_layers = len(streamed.layers)
-    for n, sample in enumerate(samples):
-        last = store.get(f"h{num_layers}-{n}", device).requires_grad_(True)
-        loss = sample_loss(streamed.logits(ids[n], last), torch.tensor([sample.labels], device=device), n)
-        if not torch.isfinite(loss):
-            raise non_finite_error("the output head", streamed.dtype)
-        loss.backward()
-        store.put(f"g-{n}", last.grad)
-        store.drop(f"h{num_layers}-{n}")
+    with streamed.holding(streamed.head):
+        for n, sample in enumerate(samples):
+            last = store.get(f"h{num_layers}-{n}", device).requires_grad_(True)
+            loss = sample_loss(streamed.logits(last), torch.tensor([sample.labels], device=device), n)
+            if not torch.isfinite(loss):
+                raise non_finite_error("the output head", streamed.dtype)
+            loss.backward()
+            store.put(f"g-{n}", last.grad)
+            store.drop(f"h{num_layers}-{n}")
     scores: dict[str, float] = {}
     for layer_index in reversed(range(num_layers)):
         layer = streamed.load_layer(layer_index)

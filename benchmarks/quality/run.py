@@ -39,6 +39,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "tlora-alpha": ("+ alpha allocation", ["--no-rank-allocation"]),
     "tlora": ("full TLoRA", []),
     "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
+    "lora-da": ("LoRA-DA (A+B trained)", ["--method", "lora-da", "--uniform"]),
 }
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
 SEEDED_ARMS = {"lora"}
@@ -265,11 +266,12 @@ def main() -> None:
     test_encoded = encode(test_set, tokenizer, args.seq_len)
 
     calib = args.work_dir / "calibration"
-    if "calibration" not in results:
+    # --gradients adds what lora-da needs; the covariances and scores the other arms use are the same bytes.
+    if "--gradients" not in results.get("calibration", {}).get("command", ""):
         seconds, command = run_tlora(
             ["calibrate", "--data", str(train_file), "--num-samples", str(args.num_samples), "--seq-len",
-             str(args.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--quiet", "--overwrite",
-             "-o", str(calib)]
+             str(args.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--gradients", "--quiet",
+             "--overwrite", "-o", str(calib)]
         )  # fmt: skip
         results["calibration"] = {"seconds": seconds, "command": command}
         save(args.results, results)
@@ -292,6 +294,8 @@ def main() -> None:
             adapter = args.work_dir / "adapters" / init_key
             if init_key not in results["inits"]:
                 flags = [*ARMS[arm][1], "--budget-rank", str(args.budget_rank), "--alpha", f"{args.alpha:g}"]
+                if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
+                    flags += ["--lora-da-population", str(args.steps * args.batch_size)]
                 seconds, command = run_tlora(
                     ["init", "--calibration", str(calib), *flags, "--seed", str(seed), "--device", "cpu",
                      "--quiet", "--overwrite", "-o", str(adapter)]
