@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from tlora_cli.factorisation import canonical_signs, lora_da_a, random_a, theory_a, tlora_a, w_svd_a
+from tlora_cli.factorisation import (
+    canonical_signs,
+    lora_da_a,
+    random_a,
+    theory_a,
+    tlora_a,
+    top_right_singular_vectors,
+    w_svd_a,
+)
 
 
 def _spd(n: int, seed: int) -> torch.Tensor:
@@ -126,3 +134,29 @@ def test_lora_da_refuses_a_zero_gradient():
     z, s, grad = _lora_da_inputs(9)
     with pytest.raises(ValueError, match="zero"):
         lora_da_a(z, s, torch.zeros_like(grad), 2)
+
+
+def _with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(m, len(singular_values), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, len(singular_values), generator=g, dtype=torch.float64))[0]
+    return (u * singular_values) @ v.T
+
+
+def test_large_matrices_take_the_iterative_path_and_match_the_full_svd():
+    # 1024 x 1100 with r = 4: a block of 24 vectors, small enough for subspace iteration.
+    values = torch.arange(1, 1025, dtype=torch.float64) ** -0.5  # slow decay: many iterations
+    matrix = _with_spectrum(1024, 1100, values, 11).float()
+    a = top_right_singular_vectors(matrix, 4)
+    full = torch.linalg.svd(matrix.double(), full_matrices=False)[2][:4]
+    assert a.dtype == torch.float32 and a.shape == (4, 1100)
+    assert not torch.equal(a, torch.linalg.svd(matrix, full_matrices=False)[2][:4])  # not the SVD's own bytes
+    assert torch.allclose(a.double() @ a.double().T, torch.eye(4, dtype=torch.float64), atol=1e-6)
+    assert _subspace_overlap(a, full) > 1 - 1e-9
+    assert torch.equal(a, top_right_singular_vectors(matrix.clone(), 4))
+
+
+def test_when_the_iteration_does_not_converge_the_full_svd_answers():
+    values = torch.linspace(1.0, 0.99, 1024, dtype=torch.float64)  # almost flat: no convergence in 100 steps
+    matrix = _with_spectrum(1024, 1100, values, 12)
+    assert torch.equal(top_right_singular_vectors(matrix, 4), torch.linalg.svd(matrix, full_matrices=False)[2][:4])
