@@ -104,6 +104,25 @@ def test_offload_dir_gives_the_same_numbers_and_is_emptied(method, model_factory
     assert missing.code == 1 and "--offload-dir" in missing.stderr
 
 
+def test_warns_when_covariances_will_not_fit_in_host_memory(model_factory, data_file, tmp_path, run_cli, monkeypatch):
+    """Counted after layer 0: q/k/v share one covariance, gate/up one, o and down one each, float32, every layer."""
+    from tiny_models import HIDDEN_SIZE, INTERMEDIATE_SIZE
+
+    import tlora_cli.streaming as streaming
+
+    needed = 2 * 4 * (3 * HIDDEN_SIZE**2 + INTERMEDIATE_SIZE**2)  # 2 layers
+    args = ("--model", model_factory("llama"), "--data", data_file, "--num-samples", "4", "--seq-len", "32")
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: needed)
+    short = run_cli("init", *args, "-o", tmp_path / "short")
+    assert short.code == 0 and "--offload-dir" in short.stderr
+    assert f"about {needed / 1e9:.3g} GB of host memory and {needed / 1e9:.3g} GB is available" in short.stderr
+    offloaded = run_cli("init", *args, "--offload-dir", tmp_path, "-o", tmp_path / "offloaded")
+    assert offloaded.code == 0 and "host memory" not in offloaded.stderr
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: int(1.3 * needed))
+    roomy = run_cli("init", *args, "-o", tmp_path / "roomy")
+    assert roomy.code == 0 and "host memory" not in roomy.stderr
+
+
 def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, run_cli):
     offload = tmp_path / "offload"
     offload.mkdir()

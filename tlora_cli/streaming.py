@@ -308,6 +308,8 @@ def stream_statistics(
         with reporter.phase("forward", "Forward, layer by layer", num_layers) as step:
             for layer_index in range(num_layers):
                 _forward_layer(streamed, layer_index, by_layer, samples, calls, store, covariances, groups, center)
+                if layer_index == 0:
+                    _warn_if_host_short(covariances, num_layers, reporter)
                 step()
         grads = (sink(stats_dir, "mean_grad"), sink(stats_dir, "output_grad_sq")) if gradients else None
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
@@ -325,6 +327,31 @@ def stream_statistics(
         mean_grads=grads[0].result() if grads else None,
         output_grad_sq=grads[1].result() if grads else None,
     )
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel could give this process now (Linux MemAvailable); None where it cannot say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _warn_if_host_short(covariances: TensorSink, num_layers: int, reporter: Reporter) -> None:
+    """After layer 0, say whether every layer's covariances will fit in host memory, not hours later when killed."""
+    available = available_host_memory()
+    if covariances.folder is not None or available is None:
+        return
+    needed = sum(c.numel() * c.element_size() for c in covariances.memory.values()) * num_layers
+    if needed > 0.8 * available:
+        reporter.warn(
+            f"the covariances will take about {needed / 1e9:.3g} GB of host memory and "
+            f"{available / 1e9:.3g} GB is available: if this run is killed, rerun with --offload-dir DIR "
+            "on a disk with that much free space, or calibrate with `tlora calibrate -o DIR` first"
+        )
 
 
 def _forward_layer(

@@ -6,6 +6,11 @@ full fine-tuning step the adapter can express at all; the top-r singular values 
 A could do. The same basis also shows how much input energy A sees, tr(Qᵀ C Q) / tr(C): TLoRA picks A for
 that, so if it sees much more input energy but reaches less gradient, the directions the task needs are not
 the high-energy ones. G is measured on the first batches of run.py's seed-0 data order.
+
+Adam moves every entry of B by about the learning rate per step whatever its gradient's size, so how far
+one step moves a module's output is set by s * ||A x|| (s = alpha / r): `step_scale_vs_lora` is
+s * sqrt(tr(A C Aᵀ)) per module, median per module type, divided by the same for LoRA's random A. At one
+learning rate, an arm whose ratio is 10 takes steps ten times as large as LoRA's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,6 +48,16 @@ def adapter_a(folder: Path) -> dict[str, torch.Tensor]:
     weights = load_file(folder / "adapter_model.safetensors")
     prefix, suffix = "base_model.model.", ".lora_A.weight"
     return {k[len(prefix) : -len(suffix)]: v.float() for k, v in weights.items() if k.endswith(suffix)}
+
+
+def scalings(folder: Path) -> dict[str, float]:
+    """alpha / r per module, from adapter_config.json's patterns (full module names) and its defaults."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    ranks, alphas = config.get("rank_pattern", {}), config.get("alpha_pattern", {})
+    names = set(ranks) | set(alphas)
+    return {n: alphas.get(n, config["lora_alpha"]) / ranks.get(n, config["r"]) for n in names} | {
+        "": config["lora_alpha"] / config["r"]
+    }
 
 
 def covariance(calibration: Path, key: str) -> torch.Tensor:
@@ -77,12 +93,14 @@ def main() -> None:
     input_of = {m["name"]: m["input"] for m in manifest["modules"]}
     grads = gradients(fresh_base(base_path), batches, list(input_of))
     adapters = {key: adapter_a(args.work_dir / "adapters" / key) for key in ADAPTERS}
+    scaling = {key: scalings(args.work_dir / "adapters" / key) for key in ADAPTERS}
 
     # per (adapter or optimum, module type): summed captured gradient energy, summed total, input-energy shares
     captured: dict[tuple[str, str], float] = defaultdict(float)
     input_share: dict[tuple[str, str], list[float]] = defaultdict(list)
     total: dict[str, float] = defaultdict(float)
     top_eigen: dict[str, list[float]] = defaultdict(list)
+    step_scale: dict[tuple[str, str], list[float]] = defaultdict(list)
     for name, grad in grads.items():
         kind = module_type(name)
         cov = covariance(calibration, input_of[name])
@@ -95,6 +113,9 @@ def main() -> None:
             q, _ = torch.linalg.qr(a_of[name].T) if name in a_of else (torch.zeros(cov.shape[0], 0), None)
             captured[key, kind] += (grad @ q).pow(2).sum().item()
             input_share[key, kind].append((torch.trace(q.T @ cov @ q) / torch.trace(cov)).item())
+            if name in a_of:
+                s = scaling[key].get(name, scaling[key][""])
+                step_scale[key, kind].append(s * torch.trace(a_of[name] @ cov @ a_of[name].T).sqrt().item())
             if key in ("tlora-init", "tlora"):
                 label = "best A, uniform ranks" if key == "tlora-init" else "best A, TLoRA's ranks"
                 captured[label, kind] += singular[: q.shape[1]].sum().item()
@@ -110,6 +131,13 @@ def main() -> None:
             kind: sum(input_share[key, kind]) / len(input_share[key, kind]) for kind in kinds
         }
     report["top_eigenvalue_share_of_C"] = {kind: sum(v) / len(v) for kind, v in top_eigen.items()}
+    report["step_scale_vs_lora"] = {
+        key: {
+            kind: statistics.median(step_scale[key, kind]) / statistics.median(step_scale["lora-s0", kind])
+            for kind in kinds
+        }
+        for key in adapters
+    }
     report["gradient_energy_by_type"] = {kind: total[kind] / sum(total.values()) for kind in kinds}
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
