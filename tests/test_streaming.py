@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,21 +73,47 @@ def test_streamed_statistics_and_adapter_equal_the_whole_model(
             out = tmp_path / f"{command}-{engine}"
             result = run_cli(command, "--model", model_dir, "--data", data_file, *COMMON, "--engine", engine, "-o", out)
             assert result.code == 0, result.stderr
-    streamed, whole = load_calibration(tmp_path / "calibrate-stream"), load_calibration(tmp_path / "calibrate-whole")
+    assert_same_numbers(
+        tmp_path / "calibrate-stream", tmp_path / "calibrate-whole", tmp_path / "init-stream", tmp_path / "init-whole"
+    )
+
+
+def assert_same_numbers(calib: Path, calib_ref: Path, adapter: Path, adapter_ref: Path) -> None:
+    """Statistics to 1e-5 relative, the same subspaces for A, the same ranks and alphas."""
+    streamed, whole = load_calibration(calib), load_calibration(calib_ref)
     assert streamed.stats.input_of == whole.stats.input_of
     assert streamed.stats.num_tokens == whole.stats.num_tokens
     for name, key in whole.stats.input_of.items():
         assert rel_err(streamed.stats.covariances[key], whole.stats.covariances[key]) < 1e-5, name
         assert rel_err(streamed.stats.scores[name], whole.stats.scores[name]) < 1e-5, name
-    a_stream = load_file(tmp_path / "init-stream" / "adapter_model.safetensors")
-    a_whole = load_file(tmp_path / "init-whole" / "adapter_model.safetensors")
+    a_stream = load_file(adapter / "adapter_model.safetensors")
+    a_whole = load_file(adapter_ref / "adapter_model.safetensors")
     assert a_stream.keys() == a_whole.keys()
     for key, a in a_whole.items():
         if "lora_A" in key:
             r = a.shape[0]
             assert (torch.linalg.matrix_norm(a_stream[key].double() @ a.double().T) ** 2 / r).item() > 0.9999, key
-    config = json.loads((tmp_path / "init-stream" / "adapter_config.json").read_text())
-    assert config == json.loads((tmp_path / "init-whole" / "adapter_config.json").read_text())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config == json.loads((adapter_ref / "adapter_config.json").read_text())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("arch", "options"), [MODELS[1], MODELS[3], MODELS[5]], ids=["llama-tied", "mistral", "gemma3"]
+)
+def test_streamed_on_cuda_equals_the_whole_model_on_cpu(arch, options, model_factory, data_file, tmp_path, run_cli):
+    """The path users take on a GPU: layers streamed onto CUDA, covariances offloaded to the host."""
+    model_dir = model_factory(arch, **options)
+    runs = {"cuda": ("--engine", "stream", "--device", "cuda"), "cpu": ("--engine", "whole", "--device", "cpu")}
+    for device, flags in runs.items():
+        for command in ("calibrate", "init"):
+            out = tmp_path / f"{command}-{device}"
+            args = ("--model", model_dir, "--data", data_file, *COMMON, "--dtype", "float32", *flags, "-o", out)
+            result = run_cli(command, *args)
+            assert result.code == 0, result.stderr
+    assert_same_numbers(
+        tmp_path / "calibrate-cuda", tmp_path / "calibrate-cpu", tmp_path / "init-cuda", tmp_path / "init-cpu"
+    )
 
 
 @pytest.mark.parametrize("method", ["tlora", "lora-da"])
