@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference import rel_err
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tlora_cli.calibration import load_calibration
 from tlora_cli.streaming import StreamedModel
@@ -168,6 +169,26 @@ def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, r
         tmp_path / "out",
     )
     assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_in_one_line(model_factory, data_file, tmp_path, run_cli):
+    """A weight the config needs but no shard holds must stop the run, not leave a meta tensor to compute with."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_factory("llama"), model_dir)
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    shard = model_dir / index["weight_map"].pop(dropped)
+    tensors = load_file(shard)
+    del tensors[dropped]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "out"
+    result = run_cli("calibrate", "--model", model_dir, "--data", data_file, *COMMON, "-o", out)
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert f"the checkpoint has no tensor {dropped}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_targets_outside_the_layers_are_refused(model_factory, data_file, tmp_path, run_cli):
