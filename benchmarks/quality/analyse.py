@@ -81,7 +81,7 @@ def main() -> None:
     base_path = builtin_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     protocol = json.loads(args.results.read_text())["protocol"]
-    train_set, _, _ = make_splits(protocol["num_train"], protocol["num_test"])
+    train_set, _, _, _ = make_splits(protocol["num_train"], protocol.get("num_valid", 0), protocol["num_test"])
     encoded = encode(train_set, tokenizer, protocol["seq_len"])
     order = random.Random(0).sample(range(len(encoded)), args.batches * args.batch_size)
     batches = [

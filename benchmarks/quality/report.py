@@ -25,11 +25,41 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def lr_of(results: dict, run: dict) -> float:
+    """Runs of the shared-rate protocol carry no rate of their own: the protocol's."""
+    return run.get("lr", results["protocol"].get("lr"))
+
+
 def runs_by_arm(results: dict) -> dict[str, list[dict]]:
+    """The runs that count: every seed at each arm's selected rate, scored on the test split."""
+    selected = results.get("selected", {})
     by_arm: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for run in results["runs"].values():
-        by_arm[run["arm"]].append(run)
+        if "heldout_loss" in run and (run["arm"] not in selected or lr_of(results, run) == selected[run["arm"]]):
+            by_arm[run["arm"]].append(run)
     return {arm: sorted(runs, key=lambda r: r["seed"]) for arm, runs in by_arm.items() if runs}
+
+
+def sweep(results: dict) -> dict[str, dict[float, float]]:
+    """Per arm, validation loss by learning rate on the sweep seed (empty for the shared-rate protocol)."""
+    seed = results["protocol"].get("sweep_seed")
+    curves: dict[str, dict[float, float]] = {}
+    for run in results["runs"].values():
+        if run.get("valid_loss") is not None and run["seed"] == seed:
+            curves.setdefault(run["arm"], {})[run["lr"]] = run["valid_loss"]
+    return {arm: dict(sorted(curves[arm].items())) for arm in ARMS if arm in curves}
+
+
+def sweep_table(results: dict) -> str:
+    """Validation loss at every rate tried; the selected one in bold."""
+    curves = sweep(results)
+    lrs = sorted({lr for curve in curves.values() for lr in curve})
+    rows = ["| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for arm, curve in curves.items():
+        best = results["selected"].get(arm)
+        cells = ["" if lr not in curve else f"**{curve[lr]:.4f}**" if lr == best else f"{curve[lr]:.4f}" for lr in lrs]
+        rows.append(f"| {ARMS[arm][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main_table(results: dict) -> str:
@@ -39,17 +69,17 @@ def main_table(results: dict) -> str:
     base = results["baseline"]
     calib_s = results["calibration"]["seconds"]
     rows = [
-        "| arm | held-out loss | Δ loss vs LoRA (paired) | exact match % | trainable params | "
+        "| arm | learning rate | held-out loss | Δ loss vs LoRA (paired) | exact match % | trainable params | "
         "init s (calibrate + finish) | train s | eval s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| no fine-tune (B = 0, every arm at step 0) | {base['heldout_loss']:.3f} | | "
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| no fine-tune (B = 0, every arm at step 0) | | {base['heldout_loss']:.3f} | | "
         f"{100 * base['exact_match']:.1f} | 0 | | | {base['eval_s']:.0f} | |",
     ]
     for arm, runs in by_arm.items():
         deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
         inits = [results["inits"][r["init"]]["seconds"] for r in runs]
         rows.append(
-            f"| {ARMS[arm][0]} | {mean_std([r['heldout_loss'] for r in runs])} | "
+            f"| {ARMS[arm][0]} | {lr_of(results, runs[0]):g} | {mean_std([r['heldout_loss'] for r in runs])} | "
             f"{mean_std(deltas, digits=4) if arm != 'lora' and deltas else ''} | "
             f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {runs[0]['trainable']:,} | "
             f"{calib_s:.0f} + {statistics.mean(inits):.0f} | {statistics.mean(r['train_s'] for r in runs):.0f} | "
@@ -94,25 +124,43 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot(results: dict, path: Path, window: int) -> None:
-    """Training loss per step (mean over seeds, smoothed), and held-out loss per arm with every seed shown."""
+    """Training loss per step (mean over seeds, smoothed), validation loss against the learning rate when
+    it was swept, and held-out loss per arm with every seed shown."""
     by_arm = runs_by_arm(results)
-    fig, (curves, heldout) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    curves_by_lr = sweep(results)
+    ratios = [3, 2, 2] if curves_by_lr else [3, 2]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(7 * len(ratios), 5.5), gridspec_kw={"width_ratios": ratios})
+    curves, heldout = axes[0], axes[-1]
+    colours = {arm: f"C{i}" for i, arm in enumerate(ARMS)}
     for arm, runs in by_arm.items():
         mean = [statistics.mean(step) for step in zip(*(r["train_loss"] for r in runs))]
-        curves.plot(range(1, len(mean) + 1), smooth(mean, window), label=ARMS[arm][0], linewidth=1.6)
+        label = f"{ARMS[arm][0]} (lr {lr_of(results, runs[0]):g})"
+        curves.plot(range(1, len(mean) + 1), smooth(mean, window), label=label, linewidth=1.6, color=colours[arm])
     curves.set_xlabel("step (each batch is unseen data: one pass over the training set)")
     curves.set_ylabel(f"training loss (mean over seeds, {window}-step moving average)")
-    curves.set_title("Training loss")
+    curves.set_title("Training loss at each arm's learning rate")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
+    if curves_by_lr:
+        swept = axes[1]
+        for arm, curve in curves_by_lr.items():
+            swept.plot(list(curve), list(curve.values()), marker="o", label=ARMS[arm][0], color=colours[arm])
+            best = results["selected"].get(arm)
+            if best in curve:
+                swept.scatter([best], [curve[best]], s=120, facecolors="none", edgecolors=colours[arm], zorder=3)
+        swept.set_xscale("log")
+        swept.set_xlabel("peak learning rate (AdamW, linear warm-up and decay)")
+        swept.set_ylabel(f"validation loss, seed {results['protocol']['sweep_seed']} (circle: selected)")
+        swept.set_title("Learning-rate sweep")
+        swept.grid(alpha=0.3)
     labels = list(by_arm)
     for x, arm in enumerate(labels):
         values = [r["heldout_loss"] for r in by_arm[arm]]
         heldout.scatter([x] * len(values), values, color="grey", s=14, zorder=2)
-        heldout.scatter([x], [statistics.mean(values)], color="C0", marker="_", s=400, zorder=3)
+        heldout.scatter([x], [statistics.mean(values)], color=colours[arm], marker="_", s=400, zorder=3)
     heldout.set_xticks(range(len(labels)), [ARMS[a][0] for a in labels], rotation=35, ha="right", fontsize=8)
     heldout.set_ylabel("held-out answer-token loss (dots: seeds, bar: mean)")
-    heldout.set_title("Held-out loss after training")
+    heldout.set_title("Test loss after training")
     heldout.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -126,7 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(args.results.read_text())
     plot(results, args.plot, args.window)
+    tables = [("Learning-rate sweep (validation loss)", sweep_table(results))] if sweep(results) else []
     for title, table in (
+        *tables,
         ("Results", main_table(results)),
         ("Allocation", allocation_table(results)),
         ("Every run", per_seed_table(results)),

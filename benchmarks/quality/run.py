@@ -1,8 +1,16 @@
 """Fine-tune SmolLM2-135M from each adapter arm on generated math word problems and score it on held-out ones.
 
-Every arm gets the same rank budget, data order, optimizer, learning rate, batch size and number of steps;
-only `tlora init`'s flags differ. Results go to a JSON file after every (arm, seed), so an interrupted run
-resumes where it stopped: rerun the same command. `report.py` turns the JSON into RESULTS-quality.md.
+Every arm gets the same rank budget, data order, optimizer, batch size and number of steps; only `tlora
+init`'s flags and the learning rate differ. The learning rate is tuned per arm, because A's scale sets
+how far one Adam step moves the output (analyse.py): each arm trains on seed 0 at every rate of a
+grid, the grid grows by one factor of two past an edge while the edge is best, and the rate with the
+lowest loss on a validation split (never the test split) is the arm's. Then the other seeds train at
+that rate, and only the selected runs are scored on the test split. With one rate in `--lrs` this is
+the plain shared-rate protocol.
+
+Results go to a JSON file after every run, and the trained LoRA weights of every run to the work
+folder, so an interrupted run resumes where it stopped: rerun the same command. `report.py` turns the
+JSON into RESULTS-quality.md.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tlora_cli.builtin_model import builtin_model_path
@@ -43,7 +52,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 }
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
 SEEDED_ARMS = {"lora"}
-CALIBRATION_SET_SEED, TRAIN_SEED, TEST_SEED = 0, 1, 2  # seed 0 is the shipped calibration set
+CALIBRATION_SET_SEED, TRAIN_SEED, TEST_SEED, VALID_SEED = 0, 1, 2, 3  # seed 0 is the shipped calibration set
 ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
 
@@ -55,10 +64,10 @@ def completion_of(problem: dict) -> str:
     return f" {problem['answer']}"
 
 
-def make_splits(num_train: int, num_test: int) -> tuple[list[dict], list[dict], dict]:
-    """Train and test sets from their own seeds, with every question also found elsewhere dropped.
+def make_splits(num_train: int, num_valid: int, num_test: int) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """Train, validation and test sets from their own seeds, with every question also found elsewhere dropped.
 
-    Questions of the shipped calibration set (seed 0) are dropped from both, so that no split shares a
+    Questions of the shipped calibration set (seed 0) are dropped from all three, so that no split shares a
     question with another one or with the data the package ships.
     """
     shipped = {p["question"] for p in generate_problems(400, CALIBRATION_SET_SEED)}
@@ -67,20 +76,26 @@ def make_splits(num_train: int, num_test: int) -> tuple[list[dict], list[dict], 
     taken = shipped | {p["question"] for p in train}
     test_all = generate_problems(2 * num_test, TEST_SEED)
     test = [p for p in test_all if p["question"] not in taken][:num_test]
-    train_q, test_q = {p["question"] for p in train}, {p["question"] for p in test}
-    if train_q & test_q or train_q & shipped or test_q & shipped or len(test) < num_test:
-        raise SystemExit("the splits overlap or the test set came out short: change the sizes")
+    taken |= {p["question"] for p in test}
+    valid_all = generate_problems(2 * num_valid, VALID_SEED) if num_valid else []
+    valid = [p for p in valid_all if p["question"] not in taken][:num_valid]
+    sets = [{p["question"] for p in split} for split in (train, valid, test)] + [shipped]
+    overlap = any(a & b for i, a in enumerate(sets) for b in sets[i + 1 :])
+    if overlap or len(test) < num_test or len(valid) < num_valid:
+        raise SystemExit("the splits overlap or a held-out set came out short: change the sizes")
     info = {
         "train_seed": TRAIN_SEED,
+        "valid_seed": VALID_SEED,
         "test_seed": TEST_SEED,
         "train_generated": len(train_all),
         "train_dropped": len(train_all) - len(train),
         "test_generated": len(test_all),
-        "test_dropped_overlap": sum(p["question"] in taken for p in test_all),
+        "test_dropped_overlap": sum(p["question"] in shipped or p["question"] in sets[0] for p in test_all),
         "train": len(train),
+        "valid": len(valid),
         "test": len(test),
     }
-    return train, test, info
+    return train, valid, test, info
 
 
 def write_jsonl(path: Path, problems: list[dict]) -> None:
@@ -227,25 +242,198 @@ def save(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
+def run_key(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}/{lr:g}/{seed}"
+
+
+def lr_grid(lrs: list[float], val_loss: dict[float, float], extend: int) -> list[float] | None:
+    """The rates still to try: one factor of two past an edge while that edge has the lowest validation loss.
+
+    None once every rate tried has a loss and the best one is inside the grid (or the grid may grow no more).
+    """
+    missing = [lr for lr in lrs if lr not in val_loss]
+    if missing:
+        return missing
+    tried = sorted(val_loss)
+    best = min(tried, key=lambda lr: val_loss[lr])
+    if len(tried) - len(lrs) >= 2 * extend:
+        return None
+    if best == tried[0] and len([lr for lr in tried if lr < min(lrs)]) < extend:
+        return [tried[0] / 2]
+    if best == tried[-1] and len([lr for lr in tried if lr > max(lrs)]) < extend:
+        return [tried[-1] * 2]
+    return None
+
+
+class Experiment:
+    """The fixed parts of a run: base model, tokenizer, splits, calibration, batches per seed, results file."""
+
+    def __init__(self, args: argparse.Namespace, results: dict):
+        self.args, self.results = args, results
+        self.base_path = builtin_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        self.train_set, self.valid_set, self.test_set, results["splits"] = make_splits(
+            args.num_train, args.num_valid, args.num_test
+        )
+        self.train_file = args.work_dir / "train.jsonl"
+        write_jsonl(self.train_file, self.train_set)
+        self.train_encoded = encode(self.train_set, self.tokenizer, args.seq_len)
+        self.valid_encoded = encode(self.valid_set, self.tokenizer, args.seq_len)
+        self.test_encoded = encode(self.test_set, self.tokenizer, args.seq_len)
+        self.calibration = args.work_dir / "calibration"
+        (args.work_dir / "trained").mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> None:
+        save(self.args.results, self.results)
+
+    def calibrate(self) -> None:
+        """One calibration for every arm; --gradients adds what lora-da needs (the rest are the same bytes)."""
+        if "--gradients" in self.results.get("calibration", {}).get("command", ""):
+            return
+        a = self.args
+        seconds, command = run_tlora(
+            ["calibrate", "--data", str(self.train_file), "--num-samples", str(a.num_samples), "--seq-len",
+             str(a.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--gradients", "--quiet",
+             "--overwrite", "-o", str(self.calibration)]
+        )  # fmt: skip
+        self.results["calibration"] = {"seconds": seconds, "command": command}
+        self.save()
+
+    def baseline(self) -> None:
+        """B = 0 in every arm: one evaluation of the untouched model stands for all."""
+        if "baseline" in self.results:
+            return
+        model = fresh_base(self.base_path)
+        self.results["baseline"] = {
+            "valid_loss": heldout_loss(model, self.valid_encoded, self.tokenizer.pad_token_id),
+            **evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args),
+        }
+        self.save()
+
+    def adapter(self, arm: str, seed: int) -> tuple[str, Path]:
+        """The arm's adapter (one per seed for LoRA's random A), made once with `tlora init --calibration`."""
+        a = self.args
+        init_key = f"{arm}-s{seed}" if arm in SEEDED_ARMS else arm
+        adapter = a.work_dir / "adapters" / init_key
+        if init_key not in self.results["inits"]:
+            flags = [*ARMS[arm][1], "--budget-rank", str(a.budget_rank), "--alpha", f"{a.alpha:g}"]
+            if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
+                flags += ["--lora-da-population", str(a.steps * a.batch_size)]
+            seconds, command = run_tlora(
+                ["init", "--calibration", str(self.calibration), *flags, "--seed", str(seed), "--device", "cpu",
+                 "--quiet", "--overwrite", "-o", str(adapter)]
+            )  # fmt: skip
+            self.results["inits"][init_key] = {"seconds": seconds, "command": command, **allocation_summary(adapter)}
+            self.save()
+        return init_key, adapter
+
+    def batches(self, seed: int) -> list[dict]:
+        """The seed's data order, the same for every arm and rate."""
+        a = self.args
+        order = random.Random(seed).sample(range(len(self.train_encoded)), a.steps * a.batch_size)
+        return [
+            collate([self.train_encoded[j] for j in order[i : i + a.batch_size]], self.tokenizer.pad_token_id)
+            for i in range(0, len(order), a.batch_size)
+        ]
+
+    def model(self, adapter: Path, trained: Path | None = None) -> torch.nn.Module:
+        """A fresh float32 base with the adapter loaded for training; with `trained`, its LoRA weights restored."""
+        model = load_for_training(fresh_base(self.base_path), adapter)
+        if trained is not None:
+            missing, unexpected = model.load_state_dict(load_file(trained), strict=False)
+            lora_missing = [k for k in missing if "lora_" in k]
+            if unexpected or lora_missing:
+                raise SystemExit(f"{trained} does not fit {adapter}: {unexpected[:2]} {lora_missing[:2]}")
+        return model
+
+    def train(self, arm: str, lr: float, seed: int) -> dict:
+        """Train one (arm, rate, seed) unless done; its LoRA weights are kept for a later test evaluation."""
+        key = run_key(arm, lr, seed)
+        if key in self.results["runs"]:
+            return self.results["runs"][key]
+        init_key, adapter = self.adapter(arm, seed)
+        torch.manual_seed(seed)
+        model = self.model(adapter)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        load_start = os.getloadavg()[0]
+        losses, train_s = train(model, self.batches(seed), lr, self.args.warmup)
+        start = time.perf_counter()
+        valid = heldout_loss(model, self.valid_encoded, self.tokenizer.pad_token_id) if self.valid_set else None
+        weights = {k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+        save_file(weights, self.trained_path(key))
+        run = {
+            "arm": arm,
+            "lr": lr,
+            "seed": seed,
+            "init": init_key,
+            "trainable": trainable,
+            "train_s": train_s,
+            "train_loss": losses,
+            "valid_loss": valid,
+            "valid_s": time.perf_counter() - start,
+            "load_start": load_start,
+            "load_end": os.getloadavg()[0],
+        }
+        self.results["runs"][key] = run
+        self.save()
+        print(f"{key}: valid {valid} train {train_s:.0f}s", flush=True)
+        return run
+
+    def trained_path(self, key: str) -> Path:
+        return self.args.work_dir / "trained" / f"{key.replace('/', '_')}.safetensors"
+
+    def test(self, arm: str, lr: float, seed: int) -> None:
+        """Score a finished run on the test split, from its saved weights (the model is not retrained)."""
+        key = run_key(arm, lr, seed)
+        run = self.results["runs"][key]
+        if "heldout_loss" in run:
+            return
+        model = self.model(self.args.work_dir / "adapters" / run["init"], self.trained_path(key))
+        run.update(evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args))
+        self.save()
+        print(f"{key}: test loss {run['heldout_loss']:.4f} em {run['exact_match']:.3f}", flush=True)
+
+    def select_lr(self, arm: str) -> float:
+        """Sweep the arm's rate on the sweep seed, growing the grid past a best edge; lowest validation loss wins."""
+        a = self.args
+        if len(a.lrs) == 1:
+            return a.lrs[0]
+        val_loss: dict[float, float] = {}
+        while True:
+            for run in self.results["runs"].values():
+                if run["arm"] == arm and run["seed"] == a.sweep_seed:
+                    val_loss[run["lr"]] = run["valid_loss"]
+            todo = lr_grid(a.lrs, val_loss, a.extend)
+            if todo is None:
+                return min(val_loss, key=lambda lr: val_loss[lr])
+            for lr in todo:
+                val_loss[lr] = self.train(arm, lr, a.sweep_seed)["valid_loss"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work-dir", type=Path, default=Path("/work/bench-cache/quality"))
-    parser.add_argument("--results", type=Path, default=QUALITY_DIR / "results.json")
+    parser.add_argument("--results", type=Path, default=QUALITY_DIR / "results-tuned.json")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3])
+    parser.add_argument("--extend", type=int, default=2, help="At most this many rates added past each edge.")
+    parser.add_argument("--sweep-seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--budget-rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-valid", type=int, default=64)
     parser.add_argument("--num-test", type=int, default=64)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
+    if len(args.lrs) > 1 and not args.num_valid:
+        parser.error("a learning-rate sweep needs a validation split: --num-valid > 0")
     torch.set_num_threads(2)
     (args.work_dir / "adapters").mkdir(parents=True, exist_ok=True)
     protocol = {k: v for k, v in vars(args).items() if k not in ("work_dir", "results", "arms", "seeds")}
@@ -254,77 +442,19 @@ def main() -> None:
         raise SystemExit(f"{args.results} holds runs under another protocol: move it away or pass the same flags")
     results.update(protocol=protocol, machine=machine())
     results.setdefault("command", " ".join(["python", *sys.argv]))
-    for key in ("inits", "runs"):
+    for key in ("inits", "runs", "selected"):
         results.setdefault(key, {})
 
-    base_path = builtin_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    train_set, test_set, results["splits"] = make_splits(args.num_train, args.num_test)
-    train_file = args.work_dir / "train.jsonl"
-    write_jsonl(train_file, train_set)
-    train_encoded = encode(train_set, tokenizer, args.seq_len)
-    test_encoded = encode(test_set, tokenizer, args.seq_len)
-
-    calib = args.work_dir / "calibration"
-    # --gradients adds what lora-da needs; the covariances and scores the other arms use are the same bytes.
-    if "--gradients" not in results.get("calibration", {}).get("command", ""):
-        seconds, command = run_tlora(
-            ["calibrate", "--data", str(train_file), "--num-samples", str(args.num_samples), "--seq-len",
-             str(args.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--gradients", "--quiet",
-             "--overwrite", "-o", str(calib)]
-        )  # fmt: skip
-        results["calibration"] = {"seconds": seconds, "command": command}
-        save(args.results, results)
-    if "baseline" not in results:  # B = 0 in every arm: one evaluation of the untouched model stands for all
-        results["baseline"] = evaluate(fresh_base(base_path), tokenizer, test_set, test_encoded, args)
-        save(args.results, results)
-        print(f"baseline: {results['baseline']['heldout_loss']:.4f} {results['baseline']['exact_match']:.3f}")
-
+    experiment = Experiment(args, results)
+    experiment.calibrate()
+    experiment.baseline()
+    for arm in args.arms:  # every arm's rate first, so that a cut-off run still compares all arms on one seed
+        results["selected"][arm] = experiment.select_lr(arm)
+        experiment.save()
     for seed in args.seeds:
-        order = random.Random(seed).sample(range(len(train_encoded)), args.steps * args.batch_size)
-        batches = [
-            collate([train_encoded[j] for j in order[i : i + args.batch_size]], tokenizer.pad_token_id)
-            for i in range(0, len(order), args.batch_size)
-        ]
         for arm in args.arms:
-            key = f"{arm}/{seed}"
-            if key in results["runs"]:
-                continue
-            init_key = f"{arm}-s{seed}" if arm in SEEDED_ARMS else arm
-            adapter = args.work_dir / "adapters" / init_key
-            if init_key not in results["inits"]:
-                flags = [*ARMS[arm][1], "--budget-rank", str(args.budget_rank), "--alpha", f"{args.alpha:g}"]
-                if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
-                    flags += ["--lora-da-population", str(args.steps * args.batch_size)]
-                seconds, command = run_tlora(
-                    ["init", "--calibration", str(calib), *flags, "--seed", str(seed), "--device", "cpu",
-                     "--quiet", "--overwrite", "-o", str(adapter)]
-                )  # fmt: skip
-                results["inits"][init_key] = {"seconds": seconds, "command": command, **allocation_summary(adapter)}
-                save(args.results, results)
-            torch.manual_seed(seed)
-            model = load_for_training(fresh_base(base_path), adapter)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            load_start = os.getloadavg()[0]
-            losses, train_s = train(model, batches, args.lr, args.warmup)
-            results["runs"][key] = {
-                "arm": arm,
-                "seed": seed,
-                "init": init_key,
-                "trainable": trainable,
-                "train_s": train_s,
-                "train_loss": losses,
-                "load_start": load_start,
-                **evaluate(model, tokenizer, test_set, test_encoded, args),
-                "load_end": os.getloadavg()[0],
-            }
-            save(args.results, results)
-            run = results["runs"][key]
-            print(
-                f"{key}: heldout {run['heldout_loss']:.4f} em {run['exact_match']:.3f} "
-                f"train {train_s:.0f}s eval {run['eval_s']:.0f}s",
-                flush=True,
-            )
+            experiment.train(arm, results["selected"][arm], seed)
+            experiment.test(arm, results["selected"][arm], seed)
 
 
 if __name__ == "__main__":
