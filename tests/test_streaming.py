@@ -132,23 +132,67 @@ def test_offload_dir_gives_the_same_numbers_and_is_emptied(method, model_factory
     assert missing.code == 1 and "--offload-dir" in missing.stderr
 
 
-def test_warns_when_covariances_will_not_fit_in_host_memory(model_factory, data_file, tmp_path, run_cli, monkeypatch):
-    """Counted after layer 0: q/k/v share one covariance, gate/up one, o and down one each, float32, every layer."""
+def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, data_file, tmp_path, run_cli, monkeypatch):
+    """Counted after layer 0: q/k/v share one covariance, gate/up one, o and down one each, float32, every
+    layer. When they would not fit, each layer's is made again while A is built: the same adapter, to the byte."""
     from tiny_models import HIDDEN_SIZE, INTERMEDIATE_SIZE
 
     import tlora_cli.streaming as streaming
 
     needed = 2 * 4 * (3 * HIDDEN_SIZE**2 + INTERMEDIATE_SIZE**2)  # 2 layers
     args = ("--model", model_factory("llama"), "--data", data_file, "--num-samples", "4", "--seq-len", "32")
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: needed)
-    short = run_cli("init", *args, "-o", tmp_path / "short")
-    assert short.code == 0 and "--offload-dir" in short.stderr
-    assert f"about {needed / 1e9:.3g} GB of host memory and {needed / 1e9:.3g} GB is available" in short.stderr
-    offloaded = run_cli("init", *args, "--offload-dir", tmp_path, "-o", tmp_path / "offloaded")
-    assert offloaded.code == 0 and "host memory" not in offloaded.stderr
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: int(1.3 * needed))
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: 10**12)
     roomy = run_cli("init", *args, "-o", tmp_path / "roomy")
     assert roomy.code == 0 and "host memory" not in roomy.stderr
+    loads = []
+    original = StreamedModel.load_layer
+    monkeypatch.setattr(StreamedModel, "load_layer", lambda self, i: loads.append(i) or original(self, i))
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: needed)
+    short = run_cli("init", *args, "-o", tmp_path / "short")
+    assert short.code == 0, short.stderr
+    assert f"would take {needed / 1e9:.3g} GB of the {needed / 1e9:.3g} GB of host memory available" in short.stderr
+    assert "warning" not in short.stderr  # the layer inputs still fit
+    assert loads == [0, 1, 1, 0, 0, 1]  # forward, backward, then forward once more while A is built
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "short" / file).read_bytes() == (tmp_path / "roomy" / file).read_bytes()
+    offloaded = run_cli("init", *args, "--offload-dir", tmp_path, "-o", tmp_path / "offloaded")
+    assert offloaded.code == 0 and "host memory" not in offloaded.stderr
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    tiny = run_cli("init", *args, "-o", tmp_path / "tiny")
+    assert tiny.code == 0 and "warning: the layer inputs will take" in tiny.stderr and "--offload-dir" in tiny.stderr
+
+
+def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, data_file, monkeypatch):
+    """Read backwards, every layer is recomputed from the embeddings; the numbers do not change."""
+    import tlora_cli.streaming as streaming
+    from tlora_cli.pipeline import CalibrationOptions, ModelSource, calibrate
+    from tlora_cli.progress import Reporter
+
+    source = ModelSource.open(str(model_factory("mistral", sliding_window=8)))
+    options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu")
+    kept = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    recomputed = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
+    assert isinstance(recomputed.covariances, streaming.RecomputedCovariances)
+    assert list(recomputed.covariances) == list(kept.covariances)
+    assert recomputed.scores == kept.scores
+    for key in [*reversed(list(kept.covariances)), *kept.covariances]:
+        assert torch.equal(recomputed.covariances[key], kept.covariances[key]), key
+
+
+@pytest.mark.parametrize("engine", ["stream", "whole"])
+@pytest.mark.parametrize("method", ["random", "w-svd"])
+def test_methods_without_c_compute_no_covariance(engine, method, model_factory, tiny_init, tmp_path, monkeypatch):
+    import tlora_cli.statistics as statistics
+
+    calls = []
+    original = statistics.accumulate_xtx
+    monkeypatch.setattr(statistics, "accumulate_xtx", lambda *a: calls.append(a[1]) or original(*a))
+    assert tiny_init(model_factory("llama"), tmp_path / "c", "--engine", engine).code == 0
+    assert calls
+    calls.clear()
+    assert tiny_init(model_factory("llama"), tmp_path / method, "--engine", engine, "--method", method).code == 0
+    assert calls == []
 
 
 def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, run_cli):

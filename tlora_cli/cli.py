@@ -273,12 +273,13 @@ def init_command(
         raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
     data_options.check()
     options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
-    calib_options = CalibrationOptions(
-        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, method == "lora-da"
-    )
-    calib_options.check()
     init = InitOptions(method, damping, train_a, seed, lora_da_beta, lora_da_population)
     init.check()
+    calib_options = CalibrationOptions(
+        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir,
+        gradients=method == "lora-da", covariances=init.uses_covariances,
+    )  # fmt: skip
+    calib_options.check()
     reporter = Reporter(quiet)
     with atomic_dir(out, overwrite) as tmp, stats_scratch(offload_dir) as stats_dir:
         if calibration_dir:

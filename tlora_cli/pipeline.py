@@ -51,6 +51,7 @@ class CalibrationOptions:
     engine: str = "stream"
     offload_dir: Path | None = None
     gradients: bool = False  # also collect what --method lora-da needs
+    covariances: bool = True  # False for methods that never read C (random, w-svd)
 
     def check(self) -> None:
         """Fail on bad settings before any model is read."""
@@ -94,6 +95,10 @@ class InitOptions:
             raise TloraError(f"--damping must be positive, got {self.damping:g}")
         if self.lora_da_beta < 0 or self.lora_da_population < 1:
             raise TloraError("--lora-da-beta must be >= 0 and --lora-da-population >= 1")
+
+    @property
+    def uses_covariances(self) -> bool:
+        return self.method not in ("random", "w-svd")
 
     @property
     def trains_a(self) -> bool:
@@ -155,7 +160,9 @@ def calibrate(
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
-            stats = compute_statistics(model, targets, calib_set.samples, options.center, step, options.gradients)
+            stats = compute_statistics(
+                model, targets, calib_set.samples, options.center, step, options.gradients, options.covariances
+            )
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
@@ -170,6 +177,7 @@ def calibrate(
             stats_dir,
             reporter,
             options.gradients,
+            options.covariances,
         )
         weight_of = weights_from_checkpoint(source.checkpoint)
     with reporter.phase("fingerprint", "Fingerprinting the model"):

@@ -71,12 +71,12 @@ def accumulate_xtx(acc: dict[str, torch.Tensor], key: str, x: torch.Tensor, cent
         acc[key] = flat.T @ flat
 
 
-def covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor], center: bool):
-    """Forward pre-hook: X^T X of the module's input, once per distinct input."""
+def covariance_hook(name: str, groups: InputGroups, acc: dict[str, torch.Tensor] | None, center: bool):
+    """Forward pre-hook: X^T X of the module's input, once per distinct input (acc=None: only the groups)."""
 
     def hook(_module: torch.nn.Module, args: tuple) -> None:
         key, first = groups.key(name, args[0])
-        if first:
+        if first and acc is not None:
             accumulate_xtx(acc, key, args[0], center)
 
     return hook
@@ -160,10 +160,12 @@ def compute_statistics(
     center: bool = False,
     on_sample: Callable[[], None] | None = None,
     gradients: bool = False,
+    covariances: bool = True,
 ) -> Statistics:
     """One forward and backward per sample on the whole model; reduces each gradient as it lands.
 
-    gradients=True also keeps LoRA-DA's mean gradients and output-gradient moments.
+    gradients=True also keeps LoRA-DA's mean gradients and output-gradient moments; covariances=False
+    skips X^T X (methods that do not use C).
     """
     device = next(model.parameters()).device
     modules = dict(model.named_modules())
@@ -175,7 +177,8 @@ def compute_statistics(
     for t in targets:
         weight = modules[t.name].weight
         weight.requires_grad_(True)
-        handles.append(modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc, center)))
+        hook = covariance_hook(t.name, groups, acc if covariances else None, center)
+        handles.append(modules[t.name].register_forward_pre_hook(hook))
         on_grad = moments.grad_hook(t.name) if moments else None
         handles.append(weight.register_post_accumulate_grad_hook(score_hook(score_acc[t.name], on_grad)))
         if moments:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,10 @@ class StreamedModel:
         finally:
             self._release(module)
 
+    def layer_of(self, name: str) -> int:
+        """The decoder layer a module belongs to: `model.layers.3.mlp.up_proj` -> 3."""
+        return int(name[len(self.prefix) + 1 :].split(".")[0])
+
     def load_layer(self, index: int) -> torch.nn.Module:
         layer = self.layers[index]
         for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}"):
@@ -280,36 +284,33 @@ def stream_statistics(
     stats_dir: Path | None,
     reporter: Reporter,
     gradients: bool = False,
+    covariances: bool = True,
 ) -> Statistics:
     """Covariance on the way up, importance on the way down; one layer on the device at any time.
 
-    Finished statistics go to files under `stats_dir` when given, else to host memory;
+    Finished statistics go to files under `stats_dir` when given, else to host memory; when every
+    layer's covariances would not fit there, they are computed again layer by layer when read
+    (RecomputedCovariances). covariances=False skips them (methods that do not use C);
     gradients=True also collects LoRA-DA's mean gradients and output-gradient moments.
     """
-    device = streamed.device
-    by_layer: dict[int, list[Target]] = {}
-    for t in targets:
-        by_layer.setdefault(int(t.name[len(streamed.prefix) + 1 :].split(".")[0]), []).append(t)
+    by_layer = targets_by_layer(streamed, targets)
     num_layers = len(streamed.layers)
-    ids = [torch.tensor([s.input_ids], device=device) for s in samples]
-    calls: list[list[tuple[tuple, dict]]] = []
     scratch = tempfile.TemporaryDirectory(prefix="tlora-offload-", dir=offload_dir) if offload_dir else None
     try:
         store = TensorStore(Path(scratch.name) if scratch else None)
-        capture = reporter.phase("capture", "Capturing layer inputs", len(ids))
-        with capture as step, streamed.holding(streamed.embeddings):
-            for n, input_ids in enumerate(ids):
-                hidden, sample_calls = streamed.capture(input_ids)
-                store.put(f"h0-{n}", hidden)
-                calls.append(sample_calls)
-                step()
-        covariances = sink(stats_dir, "covariance")
+        with reporter.phase("capture", "Capturing layer inputs", len(samples)) as step:
+            calls = _capture(streamed, samples, store, step)
+        sunk = sink(stats_dir, "covariance")
         groups = InputGroups()
+        recompute = False
         with reporter.phase("forward", "Forward, layer by layer", num_layers) as step:
             for layer_index in range(num_layers):
-                _forward_layer(streamed, layer_index, by_layer, samples, calls, store, covariances, groups, center)
-                if layer_index == 0:
-                    _warn_if_host_short(covariances, num_layers, reporter)
+                keep = covariances and not recompute
+                found = _forward_layer(streamed, layer_index, by_layer, samples, calls, store, groups, center, keep)
+                if layer_index == 0 and _host_short(found, sunk, store, samples, num_layers, reporter):
+                    recompute, found = True, {}
+                for key, c in found.items():
+                    sunk.put(key, c)
                 step()
         grads = (sink(stats_dir, "mean_grad"), sink(stats_dir, "output_grad_sq")) if gradients else None
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
@@ -317,16 +318,86 @@ def stream_statistics(
     finally:
         if scratch:
             scratch.cleanup()
+    input_of = dict(groups.input_of)
+    held = RecomputedCovariances(streamed, by_layer, input_of, samples, center) if recompute else sunk.result()
     return Statistics(
         targets=targets,
-        input_of=dict(groups.input_of),
-        covariances=covariances.result(),
+        input_of=input_of,
+        covariances=held,
         scores={name: s / len(samples) for name, s in scores.items()},
         num_samples=len(samples),
         num_tokens=sum(len(s.input_ids) for s in samples),
         mean_grads=grads[0].result() if grads else None,
         output_grad_sq=grads[1].result() if grads else None,
     )
+
+
+def targets_by_layer(streamed: StreamedModel, targets: list[Target]) -> dict[int, list[Target]]:
+    by_layer: dict[int, list[Target]] = {}
+    for t in targets:
+        by_layer.setdefault(streamed.layer_of(t.name), []).append(t)
+    return by_layer
+
+
+def _capture(
+    streamed: StreamedModel, samples: Sequence[EncodedSample], store: TensorStore, step: Step | None = None
+) -> list[list[tuple[tuple, dict]]]:
+    """Every sample's input to layer 0 into the store; returns each sample's per-layer call arguments."""
+    calls = []
+    with streamed.holding(streamed.embeddings):
+        for n, sample in enumerate(samples):
+            hidden, sample_calls = streamed.capture(torch.tensor([sample.input_ids], device=streamed.device))
+            store.put(f"h0-{n}", hidden)
+            calls.append(sample_calls)
+            if step:
+                step()
+    return calls
+
+
+class RecomputedCovariances(Mapping):
+    """Covariances that did not fit in host memory, computed again one layer at a time as they are read.
+
+    Reading them in model order (what the factorisation does) costs one more forward pass over every
+    layer and holds one layer's covariances and one layer's inputs; going back to an earlier layer
+    starts again from the embeddings.
+    """
+
+    def __init__(
+        self,
+        streamed: StreamedModel,
+        by_layer: dict[int, list[Target]],
+        input_of: dict[str, str],
+        samples: Sequence[EncodedSample],
+        center: bool,
+    ):
+        self.streamed, self.by_layer, self.samples, self.center = streamed, by_layer, samples, center
+        self.keys_ = list(dict.fromkeys(input_of.values()))  # model order
+        self.layer, self.current = -1, {}
+        self.store, self.calls = TensorStore(None), []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys_:
+            raise KeyError(key)
+        target = self.streamed.layer_of(key)
+        if target < self.layer:
+            self.layer, self.store = -1, TensorStore(None)
+        if self.layer < 0:
+            self.calls = _capture(self.streamed, self.samples, self.store)
+        while self.layer < target:
+            self.layer += 1
+            self.current = _forward_layer(
+                self.streamed, self.layer, self.by_layer, self.samples, self.calls, self.store, InputGroups(),
+                self.center, covariances=self.layer == target,
+            )  # fmt: skip
+            for n in range(len(self.samples)):
+                self.store.drop(f"h{self.layer}-{n}")
+        return self.current[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
 
 
 def available_host_memory() -> int | None:
@@ -340,18 +411,37 @@ def available_host_memory() -> int | None:
     return None
 
 
-def _warn_if_host_short(covariances: TensorSink, num_layers: int, reporter: Reporter) -> None:
-    """After layer 0, say whether every layer's covariances will fit in host memory, not hours later when killed."""
+def _host_short(
+    found: dict[str, torch.Tensor],
+    covariances: TensorSink,
+    store: TensorStore,
+    samples: Sequence[EncodedSample],
+    num_layers: int,
+    reporter: Reporter,
+) -> bool:
+    """After layer 0, whether every layer's covariances and inputs will fit in host memory, not hours later.
+
+    True when covariances held in memory would not fit: they are then recomputed while A is built.
+    Warns when the layer inputs alone will not fit either (only --offload-dir helps then).
+    """
     available = available_host_memory()
-    if covariances.folder is not None or available is None:
-        return
-    needed = sum(c.numel() * c.element_size() for c in covariances.memory.values()) * num_layers
-    if needed > 0.8 * available:
-        reporter.warn(
-            f"the covariances will take about {needed / 1e9:.3g} GB of host memory and "
-            f"{available / 1e9:.3g} GB is available: if this run is killed, rerun with --offload-dir DIR "
-            "on a disk with that much free space, or calibrate with `tlora calibrate -o DIR` first"
+    if available is None:
+        return False
+    inputs = 0 if store.folder else sum(store.memory[f"h1-{n}"].nbytes for n in range(len(samples))) * num_layers
+    needed = 0 if covariances.folder else sum(c.nbytes for c in found.values()) * num_layers
+    recompute = needed > 0 and needed + inputs > 0.8 * available
+    if recompute:
+        reporter.info(
+            f"the covariances of all {num_layers} layers would take {needed / 1e9:.3g} GB of the "
+            f"{available / 1e9:.3g} GB of host memory available: each layer's is computed again while A is "
+            "built (one more forward pass); --offload-dir DIR keeps them on disk instead"
         )
+    if inputs > 0.8 * available:
+        reporter.warn(
+            f"the layer inputs will take about {inputs / 1e9:.3g} GB of host memory and {available / 1e9:.3g} GB "
+            "is available: if this run is killed, rerun with --offload-dir DIR on a disk with that much free space"
+        )
+    return recompute
 
 
 def _forward_layer(
@@ -361,17 +451,18 @@ def _forward_layer(
     samples: Sequence[EncodedSample],
     calls: list[list[tuple[tuple, dict]]],
     store: TensorStore,
-    covariances: TensorSink,
     groups: InputGroups,
     center: bool,
-) -> None:
-    """Run every sample through one layer while hooks sum X^T X; the covariances then leave the device."""
+    covariances: bool,
+) -> dict[str, torch.Tensor]:
+    """Run every sample through one layer while hooks learn which modules share an input and, with
+    covariances=True, sum X^T X; returns the layer's covariances, normalised, on the device."""
     device = streamed.device
     layer = streamed.load_layer(layer_index)
     modules = dict(layer.named_modules(prefix=f"{streamed.prefix}.{layer_index}"))
     acc: dict[str, torch.Tensor] = {}
     handles = [
-        modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc, center))
+        modules[t.name].register_forward_pre_hook(covariance_hook(t.name, groups, acc if covariances else None, center))
         for t in by_layer.get(layer_index, [])
     ]
     try:
@@ -384,13 +475,12 @@ def _forward_layer(
     finally:
         for h in handles:
             h.remove()
+        streamed.unload_layer(layer_index)
     bad = first_non_finite(acc)
     if bad:
         raise non_finite_error(bad, streamed.dtype)
     tokens = sum(len(s.input_ids) for s in samples)
-    for key, c in acc.items():
-        covariances.put(key, c.div_(tokens))
-    streamed.unload_layer(layer_index)
+    return {key: c.div_(tokens) for key, c in acc.items()}
 
 
 def _stream_backward(
