@@ -195,23 +195,10 @@ def test_methods_without_c_compute_no_covariance(engine, method, model_factory, 
     assert calls == []
 
 
-def test_offload_dir_is_emptied_on_failure(model_factory, data_file, tmp_path, run_cli):
+def test_offload_dir_is_emptied_on_failure(model_factory, tiny_init, tmp_path):
     offload = tmp_path / "offload"
     offload.mkdir()
-    result = run_cli(
-        "init",
-        "--model",
-        model_factory("llama"),
-        "--data",
-        data_file,
-        *COMMON,
-        "--offload-dir",
-        offload,
-        "--budget-rank",
-        "100000",
-        "-o",
-        tmp_path / "out",
-    )
+    result = tiny_init(model_factory("llama"), tmp_path / "out", "--offload-dir", offload, "--budget-rank", 100000)
     assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
@@ -235,19 +222,8 @@ def test_a_checkpoint_missing_a_tensor_is_refused_in_one_line(model_factory, dat
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_targets_outside_the_layers_are_refused(model_factory, data_file, tmp_path, run_cli):
-    result = run_cli(
-        "init",
-        "--model",
-        model_factory("llama"),
-        "--data",
-        data_file,
-        *COMMON,
-        "--target-modules",
-        "q_proj,lm_head",
-        "-o",
-        tmp_path / "out",
-    )
+def test_targets_outside_the_layers_are_refused(model_factory, tiny_init, tmp_path):
+    result = tiny_init(model_factory("llama"), tmp_path / "out", "--target-modules", "q_proj,lm_head")
     assert result.code == 1 and "lm_head is outside the decoder layers" in result.stderr
 
 
