@@ -208,3 +208,23 @@ def test_interrupt_leaves_nothing(init, monkeypatch, tmp_path):
     assert result.code == 130
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "oserror"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(kind, run_cli, model_factory, data_file, tmp_path, monkeypatch):
+    """safetensors' writer reports ENOSPC as a message, Python as OSError 28; both stop cleanly."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import tlora_cli.calibration as calibration
+
+    def full(*args, **kwargs):
+        if kind == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(calibration, "save_file", full)
+    out = tmp_path / "calib"
+    result = run_cli("calibrate", "--model", model_factory("llama"), "--data", data_file, *N_ARGS, "-o", out)
+    assert_clean_failure(result, out, "the disk filled up", "--offload-dir")

@@ -23,7 +23,7 @@ from .data import (
     samples_text,
     show_samples,
 )
-from .errors import TloraError
+from .errors import TloraError, disk_full
 from .model_io import load_tokenizer, resolve_model
 from .output import atomic_dir, atomic_file
 from .pipeline import (
@@ -384,6 +384,13 @@ def main() -> None:
             sys.exit(130)
         if os.environ.get("TLORA_DEBUG"):
             raise
+        if disk_full(e):  # anywhere: calibration files, offloaded activations, the adapter
+            err.print(
+                "[red]error:[/] the disk filled up while writing (nothing was kept): free some space, or write -o "
+                "or --offload-dir elsewhere (a Llama-2-7B calibration takes about 22 GB)",
+                soft_wrap=True,
+            )
+            sys.exit(1)
         err.print(f"[red]internal error:[/] {escape(type(e).__name__ + ': ' + str(e))}".splitlines()[0], soft_wrap=True)
         err.print("rerun with TLORA_DEBUG=1 for the traceback and report it")
         sys.exit(3)

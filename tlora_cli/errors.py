@@ -1,5 +1,14 @@
 """The one exception type the CLI turns into a one-line message and a non-zero exit."""
 
+import errno
+
 
 class TloraError(Exception):
     """A problem with the user's inputs or environment: say what was wrong and what to do."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised by Python as OSError or by safetensors' Rust writer as an error message."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
