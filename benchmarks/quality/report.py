@@ -62,6 +62,12 @@ def sweep_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def cpu_seconds(runs: list[dict]) -> str:
+    """Mean CPU seconds of training (all threads); runs made before it was recorded have none."""
+    values = [r["train_cpu_s"] for r in runs if "train_cpu_s" in r]
+    return f"{statistics.mean(values):.0f}" if values else ""
+
+
 def main_table(results: dict) -> str:
     """Per arm: held-out loss and exact match over seeds, the paired difference to LoRA, parameters and time."""
     by_arm = runs_by_arm(results)
@@ -70,10 +76,10 @@ def main_table(results: dict) -> str:
     calib_s = results["calibration"]["seconds"]
     rows = [
         "| arm | learning rate | held-out loss | Δ loss vs LoRA (paired) | exact match % | trainable params | "
-        "init s (calibrate + finish) | train s | eval s | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "init s (calibrate + finish) | train s (wall) | train CPU s | eval s | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| no fine-tune (B = 0, every arm at step 0) | | {base['heldout_loss']:.3f} | | "
-        f"{100 * base['exact_match']:.1f} | 0 | | | {base['eval_s']:.0f} | |",
+        f"{100 * base['exact_match']:.1f} | 0 | | | | {base['eval_s']:.0f} | |",
     ]
     for arm, runs in by_arm.items():
         deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
@@ -83,6 +89,7 @@ def main_table(results: dict) -> str:
             f"{mean_std(deltas, digits=4) if arm != 'lora' and deltas else ''} | "
             f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {runs[0]['trainable']:,} | "
             f"{calib_s:.0f} + {statistics.mean(inits):.0f} | {statistics.mean(r['train_s'] for r in runs):.0f} | "
+            f"{cpu_seconds(runs)} | "
             f"{statistics.mean(r['eval_s'] for r in runs):.0f} | {len(runs)} |"
         )
     return "\n".join(rows)
