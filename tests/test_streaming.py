@@ -162,6 +162,32 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
     assert tiny.code == 0 and "warning: the layer inputs will take" in tiny.stderr and "--offload-dir" in tiny.stderr
 
 
+def test_recomputed_covariances_are_freed_before_the_next_layer_runs(model_factory, tiny_init, tmp_path, monkeypatch):
+    """While A is built from recomputed covariances, one layer's are held at a time, not two."""
+    import weakref
+
+    import tlora_cli.streaming as streaming
+
+    made: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    original_forward, original_load = streaming._forward_layer, StreamedModel.load_layer
+
+    def forward_layer(*args, **kwargs):
+        found = original_forward(*args, **kwargs)
+        made.extend(weakref.ref(c) for c in found.values())
+        return found
+
+    def load(self, index):
+        alive_at_load.append(sum(ref() is not None for ref in made))
+        return original_load(self, index)
+
+    monkeypatch.setattr(streaming, "_forward_layer", forward_layer)
+    monkeypatch.setattr(StreamedModel, "load_layer", load)
+    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    assert tiny_init(model_factory("llama"), tmp_path / "out").code == 0
+    assert alive_at_load == [0, 0, 0, 0, 0, 0]  # forward 0, 1, backward 1, 0, recomputed 0, 1
+
+
 def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, data_file, monkeypatch):
     """Read backwards, every layer is recomputed from the embeddings; the numbers do not change."""
     import tlora_cli.streaming as streaming
@@ -178,6 +204,36 @@ def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, 
     assert recomputed.scores == kept.scores
     for key in [*reversed(list(kept.covariances)), *kept.covariances]:
         assert torch.equal(recomputed.covariances[key], kept.covariances[key]), key
+
+
+@pytest.mark.parametrize("gradients", [False, True])
+def test_a_layer_s_statistics_are_freed_once_written(gradients, model_factory, data_file, tmp_path, run_cli, monkeypatch):
+    """`calibrate` writes each layer's covariances (and LoRA-DA's gradient statistics) to its folder; nothing
+    may keep them alive into the next layer, or the peak grows by a layer's worth (0.6 GiB for Llama-2-7B)."""
+    import weakref
+
+    from tlora_cli.calibration import TensorSink
+
+    written: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    original_put, original_load = TensorSink.put, StreamedModel.load_layer
+
+    def put(self, key, tensor):
+        written.append(weakref.ref(tensor))
+        return original_put(self, key, tensor)
+
+    def load(self, index):
+        alive_at_load.append(sum(ref() is not None for ref in written))
+        return original_load(self, index)
+
+    monkeypatch.setattr(TensorSink, "put", put)
+    monkeypatch.setattr(StreamedModel, "load_layer", load)
+    model_dir = model_factory("llama")
+    flags = ["--gradients"] if gradients else []
+    result = run_cli("calibrate", "--model", model_dir, "--data", data_file, *COMMON, *flags, "-o", tmp_path / "c")
+    assert result.code == 0, result.stderr
+    assert len(written) == 8 + (2 * 14 if gradients else 0)  # 4 inputs x 2 layers; mean gradient and moments
+    assert alive_at_load == [0, 0, 0, 0]  # forward 0, 1, backward 1, 0
 
 
 @pytest.mark.parametrize("engine", ["stream", "whole"])

@@ -277,6 +277,7 @@ def factorise(
         elif a.rank:
             key = stats.input_of[a.name]
             if key != cached_key:
+                cov = None  # released before the next is read, which may compute a whole layer again
                 cached_key, cov = key, stats.covariances[key].to(device)
             if options.method == "lora-da":
                 result[a.name] = _lora_da(a, stats, cov, device, options)

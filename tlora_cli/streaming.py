@@ -309,8 +309,8 @@ def stream_statistics(
                 found = _forward_layer(streamed, layer_index, by_layer, samples, calls, store, groups, center, keep)
                 if layer_index == 0 and _host_short(found, sunk, store, samples, num_layers, reporter):
                     recompute, found = True, {}
-                for key, c in found.items():
-                    sunk.put(key, c)
+                for key in list(found):  # popped, so that no name holds a layer's covariances into the next one
+                    sunk.put(key, found.pop(key))
                 step()
         grads = (sink(stats_dir, "mean_grad"), sink(stats_dir, "output_grad_sq")) if gradients else None
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
@@ -385,6 +385,7 @@ class RecomputedCovariances(Mapping):
             self.calls = _capture(self.streamed, self.samples, self.store)
         while self.layer < target:
             self.layer += 1
+            self.current.clear()  # the last layer's covariances are not held while the next one runs
             self.current = _forward_layer(
                 self.streamed, self.layer, self.by_layer, self.samples, self.calls, self.store, InputGroups(),
                 self.center, covariances=self.layer == target,
@@ -538,6 +539,7 @@ def _stream_backward(
                 mean_grad, output_grad_sq = moments.pop(name, len(samples), tokens)
                 grads[0].put(name, mean_grad)
                 grads[1].put(name, output_grad_sq)
+                del mean_grad, output_grad_sq  # else the last pair stays alive through the next layer
         streamed.unload_layer(layer_index)
         if step:
             step()
