@@ -9,8 +9,9 @@ that rate, and only the selected runs are scored on the test split. With one rat
 the plain shared-rate protocol.
 
 Results go to a JSON file after every run, and the trained LoRA weights of every run to the work
-folder, so an interrupted run resumes where it stopped: rerun the same command. `report.py` turns the
-JSON into RESULTS-quality.md.
+folder, so an interrupted run resumes where it stopped: rerun the same command. On a machine without
+the work folder, the calibration and adapters are made again (the same bytes) and only the runs in
+the JSON are skipped. `report.py` turns the JSON into RESULTS-quality.md.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ class Experiment:
 
     def calibrate(self) -> None:
         """One calibration for every arm; --gradients adds what lora-da needs (the rest are the same bytes)."""
-        if "--gradients" in self.results.get("calibration", {}).get("command", ""):
+        if "--gradients" in self.results.get("calibration", {}).get("command", "") and self.calibration.is_dir():
             return
         a = self.args
         seconds, command = run_tlora(
@@ -319,7 +320,7 @@ class Experiment:
         a = self.args
         init_key = f"{arm}-s{seed}" if arm in SEEDED_ARMS else arm
         adapter = a.work_dir / "adapters" / init_key
-        if init_key not in self.results["inits"]:
+        if init_key not in self.results["inits"] or not adapter.is_dir():  # the JSON may outlive the work folder
             flags = [*ARMS[arm][1], "--budget-rank", str(a.budget_rank), "--alpha", f"{a.alpha:g}"]
             if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
                 flags += ["--lora-da-population", str(a.steps * a.batch_size)]
@@ -388,11 +389,14 @@ class Experiment:
         return self.args.work_dir / "trained" / f"{key.replace('/', '_')}.safetensors"
 
     def test(self, arm: str, lr: float, seed: int) -> None:
-        """Score a finished run on the test split, from its saved weights (the model is not retrained)."""
+        """Score a finished run on the test split from its saved weights; retrained only where they are lost."""
         key = run_key(arm, lr, seed)
         run = self.results["runs"][key]
         if "heldout_loss" in run:
             return
+        if not self.trained_path(key).is_file():  # trained on a machine whose work folder is gone: train again
+            del self.results["runs"][key]
+            run = self.train(arm, lr, seed)
         model = self.model(self.args.work_dir / "adapters" / run["init"], self.trained_path(key))
         run.update(evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args))
         self.save()
@@ -453,9 +457,11 @@ def main() -> None:
     experiment = Experiment(args, results)
     experiment.calibrate()
     experiment.baseline()
-    for arm in args.arms:  # every arm's rate first, so that a cut-off run still compares all arms on one seed
+    # Every arm's rate and its test score on the sweep seed first: a cut-off run still compares all arms on one seed.
+    for arm in args.arms:
         results["selected"][arm] = experiment.select_lr(arm)
         experiment.save()
+        experiment.test(arm, results["selected"][arm], args.sweep_seed)
     for seed in args.seeds:
         for arm in args.arms:
             experiment.train(arm, results["selected"][arm], seed)
