@@ -112,30 +112,46 @@ def _rss_mib(pid: int) -> float | None:
     return None
 
 
+# wait4's ru_maxrss of a child started from this process is at least this process's own peak RSS
+# (vfork + exec keeps the old address space's high-water mark), so a benchmark that has itself held a
+# few GB would see that in every later child. The command is started from a small launcher instead,
+# whose own peak is a few MB: it reports the command's pid, then its peak RSS (KiB) and exit status.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+print(proc.pid, flush=True)
+_, status, usage = os.wait4(proc.pid, 0)
+print(usage.ru_maxrss, os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
 def run_measured(command: Sequence[str], env: dict[str, str] | None = None, trace_every_s: float = 0.25) -> Measured:
-    """Run a child and read its own peak RSS from wait4 (RUSAGE_CHILDREN would mix all children so far)."""
+    """Run a command and read its own peak RSS from wait4, through LAUNCHER; RSS is also traced over time."""
     command = [str(c) for c in command]
     load = load_average()
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    pid = int(launcher.stdout.readline())
     trace: list[tuple[float, float]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(trace_every_s):
-            rss = _rss_mib(proc.pid)
+            rss = _rss_mib(pid)
             if rss is not None:
                 trace.append((time.perf_counter() - start, rss))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    stderr = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    stderr = launcher.stderr.read()
+    maxrss_kib, returncode = map(int, launcher.stdout.read().split())
+    launcher.wait()
     wall = time.perf_counter() - start
     stop.set()
     sampler.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(command, proc.returncode, wall, usage.ru_maxrss / 1024, load, stderr, trace)
+    return Measured(command, returncode, wall, maxrss_kib / 1024, load, stderr, trace)
 
 
 def shell(command: Sequence[str]) -> str:
