@@ -133,7 +133,10 @@ def run_measured(command: Sequence[str], env: dict[str, str] | None = None, trac
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    pid = int(launcher.stdout.readline())
+    first = launcher.stdout.readline()
+    if not first:
+        raise SystemExit(f"{shell(command)} did not start:\n{launcher.stderr.read()[-3000:]}")
+    pid = int(first)
     trace: list[tuple[float, float]] = []
     stop = threading.Event()
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -162,27 +163,34 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
     assert tiny.code == 0 and "warning: the layer inputs will take" in tiny.stderr and "--offload-dir" in tiny.stderr
 
 
+def alive_at_each_layer_load(monkeypatch) -> tuple[list[weakref.ref], list[int]]:
+    """Weak references a test fills with the statistics it sees made, and how many of them are still
+    alive each time a layer is read: what a finished layer still holds while the next one runs."""
+    refs: list[weakref.ref] = []
+    alive: list[int] = []
+    original = StreamedModel.load_layer
+
+    def load(self, index):
+        alive.append(sum(ref() is not None for ref in refs))
+        return original(self, index)
+
+    monkeypatch.setattr(StreamedModel, "load_layer", load)
+    return refs, alive
+
+
 def test_recomputed_covariances_are_freed_before_the_next_layer_runs(model_factory, tiny_init, tmp_path, monkeypatch):
     """While A is built from recomputed covariances, one layer's are held at a time, not two."""
-    import weakref
-
     import tlora_cli.streaming as streaming
 
-    made: list[weakref.ref] = []
-    alive_at_load: list[int] = []
-    original_forward, original_load = streaming._forward_layer, StreamedModel.load_layer
+    made, alive_at_load = alive_at_each_layer_load(monkeypatch)
+    original = streaming._forward_layer
 
     def forward_layer(*args, **kwargs):
-        found = original_forward(*args, **kwargs)
+        found = original(*args, **kwargs)
         made.extend(weakref.ref(c) for c in found.values())
         return found
 
-    def load(self, index):
-        alive_at_load.append(sum(ref() is not None for ref in made))
-        return original_load(self, index)
-
     monkeypatch.setattr(streaming, "_forward_layer", forward_layer)
-    monkeypatch.setattr(StreamedModel, "load_layer", load)
     monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
     assert tiny_init(model_factory("llama"), tmp_path / "out").code == 0
     assert alive_at_load == [0, 0, 0, 0, 0, 0]  # forward 0, 1, backward 1, 0, recomputed 0, 1
@@ -207,27 +215,19 @@ def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, 
 
 
 @pytest.mark.parametrize("gradients", [False, True])
-def test_a_layer_s_statistics_are_freed_once_written(gradients, model_factory, data_file, tmp_path, run_cli, monkeypatch):
+def test_layer_statistics_are_freed_once_written(gradients, model_factory, data_file, tmp_path, run_cli, monkeypatch):
     """`calibrate` writes each layer's covariances (and LoRA-DA's gradient statistics) to its folder; nothing
     may keep them alive into the next layer, or the peak grows by a layer's worth (0.6 GiB for Llama-2-7B)."""
-    import weakref
-
     from tlora_cli.calibration import TensorSink
 
-    written: list[weakref.ref] = []
-    alive_at_load: list[int] = []
-    original_put, original_load = TensorSink.put, StreamedModel.load_layer
+    written, alive_at_load = alive_at_each_layer_load(monkeypatch)
+    original = TensorSink.put
 
     def put(self, key, tensor):
         written.append(weakref.ref(tensor))
-        return original_put(self, key, tensor)
-
-    def load(self, index):
-        alive_at_load.append(sum(ref() is not None for ref in written))
-        return original_load(self, index)
+        return original(self, key, tensor)
 
     monkeypatch.setattr(TensorSink, "put", put)
-    monkeypatch.setattr(StreamedModel, "load_layer", load)
     model_dir = model_factory("llama")
     flags = ["--gradients"] if gradients else []
     result = run_cli("calibrate", "--model", model_dir, "--data", data_file, *COMMON, *flags, "-o", tmp_path / "c")
