@@ -160,6 +160,7 @@ def plot(results: dict, path: Path, window: int) -> None:
         swept.set_ylabel(f"validation loss, seed {results['protocol']['sweep_seed']} (circle: selected)")
         swept.set_title("Learning-rate sweep")
         swept.grid(alpha=0.3)
+        swept.legend(fontsize=8)  # arms still sweeping have no curve on the other panels yet
     labels = list(by_arm)
     for x, arm in enumerate(labels):
         values = [r["heldout_loss"] for r in by_arm[arm]]
