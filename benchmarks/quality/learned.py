@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from analyse import adapter_a, covariance, module_type, scalings
-from run import QUALITY_DIR, run_key
+from run import QUALITY_DIR, run_key, trained_file
 from safetensors.torch import load_file
 
 FROZEN = ("lora-s0", "w-svd", "tlora-init", "tlora")
@@ -69,8 +69,7 @@ def main() -> None:
         runs[arm] = (key, results["runs"][key]["init"])
     adapters = args.work_dir / "adapters"
     trained = {
-        arm: updates(args.work_dir / "trained" / f"{key.replace('/', '_')}.safetensors", scalings(adapters / init))
-        for arm, (key, init) in runs.items()
+        arm: updates(trained_file(args.work_dir, key), scalings(adapters / init)) for arm, (key, init) in runs.items()
     }
     a_of = {key: adapter_a(adapters / key) for key in FROZEN}
     generator = torch.Generator().manual_seed(1)
@@ -106,12 +105,12 @@ def main() -> None:
         "output_share": {
             key: {kind: kept_by[key, kind] / energy[kind] for kind in kinds}
             | {"all": sum(kept_by[key, kind] for kind in kinds) / total}
-            for key in {k for k, _ in kept_by}
+            for key in dict.fromkeys(k for k, _ in kept_by)
         },
         "weight_share": {
             key: {kind: weight_kept_by[key, kind] / weight_energy[kind] for kind in kinds}
             | {"all": sum(weight_kept_by[key, kind] for kind in kinds) / sum(weight_energy.values())}
-            for key in {k for k, _ in weight_kept_by}
+            for key in dict.fromkeys(k for k, _ in weight_kept_by)
         },
         "tlora_vs_lora": {
             kind: {

@@ -156,6 +156,9 @@ def plot(results: dict, path: Path, window: int) -> None:
             if best in curve:
                 swept.scatter([best], [curve[best]], s=120, facecolors="none", edgecolors=colours[arm], zorder=3)
         swept.set_xscale("log")
+        rates = sorted({lr for curve in curves_by_lr.values() for lr in curve})
+        swept.set_xticks(rates, [f"{lr:g}" for lr in rates], rotation=35, ha="right", fontsize=8)
+        swept.minorticks_off()  # the rates tried are factors of two apart: decade ticks would overlap them
         swept.set_xlabel("peak learning rate (AdamW, linear warm-up and decay)")
         swept.set_ylabel(f"validation loss, seed {results['protocol']['sweep_seed']} (circle: selected)")
         swept.set_title("Learning-rate sweep")

@@ -251,6 +251,11 @@ def run_key(arm: str, lr: float, seed: int) -> str:
     return f"{arm}/{lr:g}/{seed}"
 
 
+def trained_file(work_dir: Path, key: str) -> Path:
+    """Where a run's trained LoRA weights are kept."""
+    return work_dir / "trained" / f"{key.replace('/', '_')}.safetensors"
+
+
 def next_lr(lrs: list[float], val_loss: dict[float, float], extend: int) -> float | None:
     """The next rate to try: up the grid from its lowest rate until the validation loss rises, then down.
 
@@ -373,7 +378,7 @@ class Experiment:
         start = time.perf_counter()
         valid = heldout_loss(model, self.valid_encoded, self.tokenizer.pad_token_id) if self.valid_set else None
         weights = {k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}
-        save_file(weights, self.trained_path(key))
+        save_file(weights, trained_file(self.args.work_dir, key))
         run = {
             "arm": arm,
             "lr": lr,
@@ -393,19 +398,17 @@ class Experiment:
         print(f"{key}: valid {valid} train {train_s:.0f}s", flush=True)
         return run
 
-    def trained_path(self, key: str) -> Path:
-        return self.args.work_dir / "trained" / f"{key.replace('/', '_')}.safetensors"
-
     def test(self, arm: str, lr: float, seed: int) -> None:
         """Score a finished run on the test split from its saved weights; retrained only where they are lost."""
         key = run_key(arm, lr, seed)
         run = self.results["runs"][key]
         if "heldout_loss" in run:
             return
-        if not self.trained_path(key).is_file():  # trained on a machine whose work folder is gone: train again
+        weights = trained_file(self.args.work_dir, key)
+        if not weights.is_file():  # trained on a machine whose work folder is gone: train again
             del self.results["runs"][key]
             run = self.train(arm, lr, seed)
-        model = self.model(self.args.work_dir / "adapters" / run["init"], self.trained_path(key))
+        model = self.model(self.args.work_dir / "adapters" / run["init"], weights)
         run.update(evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args))
         self.save()
         print(f"{key}: test loss {run['heldout_loss']:.4f} em {run['exact_match']:.3f}", flush=True)
