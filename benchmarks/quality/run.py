@@ -49,7 +49,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "tlora-alpha": ("+ alpha allocation", ["--no-rank-allocation"]),
     "tlora": ("full TLoRA", []),
     "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
-    "lora-da": ("LoRA-DA (A+B trained)", ["--method", "lora-da", "--uniform"]),
+    "lora-da": ("LoRA-DA (A frozen)", ["--method", "lora-da", "--uniform"]),
 }
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
 SEEDED_ARMS = {"lora"}
