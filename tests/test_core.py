@@ -33,7 +33,7 @@ def _samples(model_dir, data_file):
 def test_calibration_equals_independent_float64_computation(arch, center, model_factory, data_file, tmp_path, run_cli):
     model_dir = model_factory(arch)
     args = ["calibrate", "--model", model_dir, "--data", data_file, "--num-samples", N, "--seq-len", T]
-    result = run_cli(*args, *(["--center"] if center else []), "-o", tmp_path / "calib", "--quiet")
+    result = run_cli(*args, *([] if center else ["--no-center"]), "-o", tmp_path / "calib", "--quiet")
     assert result.code == 0, result.stderr
     calib = load_calibration(tmp_path / "calib")
     ref = reference_statistics(model_dir, _samples(model_dir, data_file), SUFFIXES, center)
@@ -60,7 +60,7 @@ def test_init_matches_reference_and_loads_in_peft(arch, model_factory, data_file
     out = tmp_path / "adapter"
     result = tiny_init(model_dir, out, "--budget-rank", 1, "--alpha", 4, samples=N, seq_len=T)
     assert result.code == 0, result.stderr
-    ref = reference_statistics(model_dir, _samples(model_dir, data_file), SUFFIXES)
+    ref = reference_statistics(model_dir, _samples(model_dir, data_file), SUFFIXES, center=True)  # the default
     shapes = [tuple(ref.weights[n].shape) for n in ref.names]
     expected = allocate(ref.names, shapes, [ref.scores[n] for n in ref.names], rank=1, alpha=4)
     config = json.loads((out / "adapter_config.json").read_text())

@@ -169,3 +169,49 @@ def allocate(
         a = r * (n * alpha / rank) * p if alpha_allocation else alpha
         out.append(ModuleAllocation(name, o, i, float(s), p, r, a if r else 0.0))
     return out
+
+
+def allocate_released(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, int]],
+    scores: Sequence[float],
+    rank: int,
+    alpha: float | None = None,
+) -> list[ModuleAllocation]:
+    """The released code's allocation (SPEC.md, "`--recipe released`"), for reproducing the paper's tables.
+
+    r_i = round(R p_i) with Python's round (half to even); whatever that leaves over (or takes too
+    much) goes one rank at a time to (or from) the module holding the largest rank, the first in model
+    order on a tie. Its PEFT scaling is max(alpha, round(alpha_total p_i)) / r_init: the released layer
+    divides by the config's r, not by r_i, so alpha_i = a_i * r_i / r_init here gives that scaling
+    through PEFT's alpha_i / r_i. Rank-0 modules get no adapter (the released code would build one).
+    """
+    if not names:
+        raise TloraError("no target modules to allocate")
+    if rank < 1:
+        raise TloraError(f"--budget-rank must be at least 1, got {rank}")
+    alpha = float(rank) if alpha is None else float(alpha)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise TloraError(f"--alpha must be a positive number, got {alpha:g}")
+    if any(s < 0 or not math.isfinite(s) for s in scores):
+        raise TloraError("importance scores must be finite and non-negative; recompute the calibration")
+    n, total = len(names), sum(scores)
+    if not total > 0:
+        raise TloraError("every importance score is 0: the released recipe divides by their sum; recalibrate")
+    shares = [s / total for s in scores]
+    ranks = [round(n * rank * p) for p in shares]
+    missing = n * rank - sum(ranks)
+    while missing:
+        largest = ranks.index(max(ranks))
+        step = 1 if missing > 0 else -1
+        ranks[largest] += step
+        missing -= step
+    out = []
+    for name, (o, i), s, p, r in zip(names, shapes, scores, shares, ranks):
+        if r > min(o, i):
+            raise TloraError(
+                f"the released recipe gives {name} rank {r}, more than its size {min(o, i)}: lower --budget-rank"
+            )
+        a = max(alpha, round(n * alpha * p))
+        out.append(ModuleAllocation(name, o, i, float(s), p, r, a * r / rank if r else 0.0))
+    return out

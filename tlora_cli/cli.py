@@ -12,7 +12,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .allocation import allocate
 from .calibration import load_calibration, save_calibration
 from .data import (
     DataOptions,
@@ -27,6 +26,7 @@ from .errors import TloraError, disk_full
 from .model_io import load_tokenizer, resolve_model
 from .output import atomic_dir, atomic_file
 from .pipeline import (
+    RELEASED_NUM_SAMPLES,
     AllocationOptions,
     CalibrationOptions,
     InitOptions,
@@ -34,7 +34,9 @@ from .pipeline import (
     allocate_modules,
     allocation_settings,
     calibrate,
+    check_calibration,
     initialise,
+    method_center,
     stats_scratch,
     weights_from_checkpoint,
 )
@@ -75,12 +77,26 @@ ChatTemplate = Annotated[
 Streaming = Annotated[
     bool | None, typer.Option("--streaming/--no-streaming", help="Stream the hub dataset. Default: by its size.")
 ]
-NumSamples = Annotated[int, typer.Option(help="Calibration samples N.")]
+NumSamples = Annotated[int | None, typer.Option(help="Calibration samples N. Default 32 (256 with --recipe released).")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per sample at most, T.")]
 Targets = Annotated[
     str | None, typer.Option(help="Comma-separated module name suffixes. Default: all attention and MLP projections.")
 ]
-Center = Annotated[bool, typer.Option(help="Subtract each sample's mean activation before X^T X.")]
+Center = Annotated[
+    bool | None,
+    typer.Option(
+        "--center/--no-center",
+        help="Centre each sample's inputs (C = Cov[X], SPEC.md) or keep the uncentred second moment. "
+        "Default: the method's own (centred; uncentred for lora-da and `calibrate --gradients`).",
+    ),
+]
+Recipe = Annotated[
+    str,
+    typer.Option(
+        help="default (SPEC.md), or released: the paper's released code (its rank rounding, alpha rule and "
+        "256 samples; A trained). See README 'Reproducing the paper'."
+    ),
+]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda. Default: cuda when available.")]
 Dtype = Annotated[
     str,
@@ -136,6 +152,7 @@ def _allocation_options(
     uniform: bool,
     rank_allocation: bool,
     alpha_allocation: bool,
+    recipe: str,
 ) -> AllocationOptions:
     options = AllocationOptions(
         budget_rank=8 if budget_rank is None else budget_rank,
@@ -143,10 +160,20 @@ def _allocation_options(
         min_rank=min_rank or 0,
         rank_allocation=rank_allocation and not uniform,
         alpha_allocation=alpha_allocation and not uniform,
+        recipe=recipe,
     )
-    # Checked here too, so that a bad flag fails before minutes of calibration.
-    allocate(["x"], [(options.budget_rank, options.budget_rank)], [1.0], options.budget_rank, alpha, options.min_rank)
+    options.check()
     return options
+
+
+def _center(center: bool | None, recipe: str, default: bool) -> bool:
+    if recipe == "released" and center is False:
+        raise TloraError("--recipe released centres each sample, as the released code does: drop --no-center")
+    return default if center is None else center
+
+
+def _num_samples(num_samples: int | None, recipe: str) -> int:
+    return num_samples if num_samples is not None else RELEASED_NUM_SAMPLES if recipe == "released" else 32
 
 
 @app.command("calibrate")
@@ -162,10 +189,11 @@ def calibrate_command(
     template: Template = None,
     chat_template: ChatTemplate = False,
     streaming: Streaming = None,
-    num_samples: NumSamples = 32,
+    num_samples: NumSamples = None,
     seq_len: SeqLen = 512,
     target_modules: Targets = None,
-    center: Center = False,
+    center: Center = None,
+    recipe: Recipe = "default",
     device: Device = None,
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -182,9 +210,12 @@ def calibrate_command(
         data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
     )
     data_options.check()
+    AllocationOptions(recipe=recipe).check()
     options = CalibrationOptions(
-        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir, gradients
-    )
+        _num_samples(num_samples, recipe), seq_len, target_modules,
+        _center(center, recipe, default=not gradients),  # --gradients is for lora-da: the uncentred moment
+        device, dtype, seed, engine, offload_dir, gradients,
+    )  # fmt: skip
     options.check()
     with atomic_dir(out, overwrite) as tmp:
         source = ModelSource.open(model, revision)
@@ -203,11 +234,12 @@ def allocate_command(
     uniform: Uniform = False,
     rank_allocation: RankAllocation = True,
     alpha_allocation: AlphaAllocation = True,
+    recipe: Recipe = "default",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Turn importance scores into per-module ranks and alphas; writes an editable plan."""
-    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
+    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation, recipe)
     calibration = load_calibration(calibration_dir)
     allocations = allocate_modules(calibration.stats, options)
     with atomic_file(out, overwrite) as tmp:
@@ -241,7 +273,7 @@ def init_command(
     plan: Annotated[Path | None, typer.Option(help="Use ranks and alphas from a `tlora allocate` plan.")] = None,
     budget_rank: BudgetRank = None,
     alpha: Alpha = None,
-    num_samples: NumSamples = 32,
+    num_samples: NumSamples = None,
     seq_len: SeqLen = 512,
     target_modules: Targets = None,
     min_rank: MinRank = None,
@@ -253,7 +285,8 @@ def init_command(
     lora_da_beta: LoraDaBeta = 0.03,
     lora_da_population: LoraDaPopulation = 100_000,
     train_a: TrainA = None,
-    center: Center = False,
+    center: Center = None,
+    recipe: Recipe = "default",
     device: Device = None,
     dtype: Dtype = "auto",
     seed: Seed = 0,
@@ -272,11 +305,12 @@ def init_command(
     if calibration_dir and data_options != DataOptions():
         raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
     data_options.check()
-    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation)
-    init = InitOptions(method, damping, train_a, seed, lora_da_beta, lora_da_population)
+    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation, recipe)
+    init = InitOptions(method, damping, train_a, seed, lora_da_beta, lora_da_population, recipe)
     init.check()
     calib_options = CalibrationOptions(
-        num_samples, seq_len, target_modules, center, device, dtype, seed, engine, offload_dir,
+        _num_samples(num_samples, recipe), seq_len, target_modules,
+        _center(center, recipe, default=method_center(method)), device, dtype, seed, engine, offload_dir,
         gradients=method == "lora-da", covariances=init.uses_covariances,
     )  # fmt: skip
     calib_options.check()
@@ -286,6 +320,7 @@ def init_command(
             calibration = load_calibration(calibration_dir)
             source = ModelSource.open(model or calibration.model["name"], revision)
             calibration.check_model(source.checkpoint.fingerprint, str(calibration_dir))
+            check_calibration(calibration, init, calib_options.center, center is not None, str(calibration_dir))
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
             source = ModelSource.open(model, revision)

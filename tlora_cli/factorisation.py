@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 or wider (SPEC.md): float64 when an input already is."""
+def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype A is returned in: float64 when an input already is, else float32. The work is float64."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -18,53 +18,84 @@ def canonical_signs(rows: torch.Tensor) -> torch.Tensor:
     return rows * signs
 
 
-def top_right_singular_vectors(
-    matrix: torch.Tensor, rank: int, tol: float = 1e-12, max_iter: int = 100
-) -> torch.Tensor:
-    """The top-`rank` right singular vectors of `matrix` as orthonormal rows, in its dtype.
+def top_right_singular_vectors(matrix: torch.Tensor, rank: int, tol: float = 1e-8, max_iter: int = 200) -> torch.Tensor:
+    """The top-`rank` right singular vectors of `matrix` as orthonormal float64 rows, to float64 accuracy.
 
-    A full SVD of a Llama-2-7B down_proj product (4096 x 11008) takes about a minute on a laptop CPU,
-    and only r << 11008 of its vectors are kept. For a large matrix a block of k = 2r + 16 vectors is
-    refined by subspace iteration on M^T M with a Rayleigh-Ritz step (O(m n k) per step, in float64),
-    until every wanted Ritz pair has a residual below `tol` times the largest Ritz value, which bounds
-    the error of the subspace by that residual over the spectral gap at r. A spectrum that decays too
-    slowly for the block to converge in `max_iter` steps gets the full SVD, as small matrices do (below
-    1024 the full SVD is as fast: SmolLM2's 576 x 1536 products take 0.1 s).
+    SPEC.md asks for the subspace a float64 SVD gives, however ill-conditioned the matrix: a float32
+    SVD mixes vectors whose singular values are close when sigma_1 is 1e5 times larger. Below 1024 on
+    either side the full float64 SVD is quick (SmolLM2's 576 x 1536 products take 0.1 s). A Llama-2-7B
+    down_proj product (4096 x 11008) would take minutes, and only r << 4096 vectors are kept: there a
+    block of k = 2r + 16 vectors is refined by float64 subspace iteration on M^T M with a Rayleigh-Ritz
+    step on M itself (the SVD of M Q, which does not square the condition number). The top-r Ritz
+    subspace converges like (sigma_{k+1} / sigma_r)^(2t), so the change between two steps times
+    1 / (1 - rate) bounds how far it still is from its limit; iteration stops once that bound, or the
+    residual over the Ritz gap at r, is below `tol`. A spectrum too flat for the block to converge in
+    `max_iter` steps gets the full SVD.
     """
     if rank < 1:
         raise ValueError("rank must be at least 1")
-    block = 2 * rank + 16
-    if min(matrix.shape) < 1024 or 4 * block > min(matrix.shape):  # the full SVD is quick enough
-        return torch.linalg.svd(matrix, full_matrices=False)[2][:rank]
     m = matrix.double()
+    block = 2 * rank + 16
+    if min(m.shape) < 1024 or 4 * block > min(m.shape):  # the full SVD is quick enough
+        return torch.linalg.svd(m, full_matrices=False)[2][:rank]
     generator = torch.Generator(device=m.device).manual_seed(0)  # fixed start: same inputs, same bytes
-    basis = torch.linalg.qr(
-        m.T @ (m @ torch.randn(m.shape[1], block, generator=generator, dtype=m.dtype, device=m.device))
-    )[0]
+    start = torch.randn(m.shape[1], block, generator=generator, dtype=m.dtype, device=m.device)
+    basis = torch.linalg.qr(m.T @ (m @ start))[0]
+    previous = None
     for _ in range(max_iter):
         image = m @ basis  # (out x k)
         _, values, vh = torch.linalg.svd(image, full_matrices=False)
         ritz = basis @ vh[:rank].T  # (in x r), orthonormal
-        gram = m.T @ (image @ vh[:rank].T)  # M^T M ritz
-        residual = torch.linalg.vector_norm(gram - ritz * values[:rank] ** 2, dim=0).max()
-        if residual <= tol * values[0] ** 2:
-            return ritz.T.to(matrix.dtype)
+        if _converged(m, image, vh, values, ritz, previous, rank, tol):
+            return ritz.T
+        previous = ritz
         basis = torch.linalg.qr(m.T @ image)[0]
-    return torch.linalg.svd(matrix, full_matrices=False)[2][:rank]
+    return torch.linalg.svd(m, full_matrices=False)[2][:rank]
+
+
+def _converged(
+    m: torch.Tensor,
+    image: torch.Tensor,
+    vh: torch.Tensor,
+    values: torch.Tensor,
+    ritz: torch.Tensor,
+    previous: torch.Tensor | None,
+    rank: int,
+    tol: float,
+) -> bool:
+    """Whether the top-r Ritz subspace is within `tol` (sine of the largest angle) of the true one.
+
+    Two certificates, either suffices: the residual ||M^T M U - U Theta^2|| over the Ritz gap
+    theta_r^2 - theta_{r+1}^2 (Davis-Kahan), which rounding caps near eps * kappa^2; and the step from
+    the previous subspace over 1 - (theta_k / theta_r)^2, the geometric tail of a linear convergence
+    whose rate theta_k / theta_r overestimates (sigma_{k+1} / sigma_r): it holds where rounding
+    caps the first.
+    """
+    top, gap_at_r = values[:rank], values[rank - 1] ** 2 - values[rank] ** 2
+    gram = m.T @ (image @ vh[:rank].T)  # M^T M U
+    residual = torch.linalg.matrix_norm(gram - ritz * top**2)
+    if gap_at_r > 0 and residual <= tol * gap_at_r:
+        return True
+    if previous is None:
+        return False
+    rate = (values[-1] / values[rank - 1]) ** 2
+    # sin of the largest angle between span(previous) and span(ritz): ||(I - P_prev) ritz||_2
+    step = torch.linalg.matrix_norm(ritz - previous @ (previous.T @ ritz), ord=2)
+    return bool(rate < 1 and step / (1 - rate) <= tol)
 
 
 def tlora_a(weight: torch.Tensor, covariance: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` right singular vectors of W C as orthonormal rows (rank x in), in float32 or wider.
+    """Top-`rank` right singular vectors of W C as orthonormal rows (rank x in); product and SVD in float64.
 
     The SVD runs on whatever device the inputs are on; the result keeps that device.
     """
-    dtype = compute_dtype(weight, covariance)
-    return canonical_signs(top_right_singular_vectors(weight.to(dtype) @ covariance.to(dtype), rank))
+    product = weight.double() @ covariance.double()
+    return canonical_signs(top_right_singular_vectors(product, rank)).to(result_dtype(weight, covariance))
 
 
 def w_svd_a(weight: torch.Tensor, rank: int) -> torch.Tensor:
     """The paper's W-SVD ablation (PiSSA's A, base weights untouched): top right singular vectors of W."""
-    return canonical_signs(top_right_singular_vectors(weight.to(compute_dtype(weight)), rank))
+    return canonical_signs(top_right_singular_vectors(weight, rank)).to(result_dtype(weight))
 
 
 def theory_a(weight: torch.Tensor, covariance: torch.Tensor, rank: int, damping: float = 1e-6) -> torch.Tensor:
@@ -73,15 +104,13 @@ def theory_a(weight: torch.Tensor, covariance: torch.Tensor, rank: int, damping:
     C is regularised as C + damping * I (Appendix A's Tikhonov term) so that C^{-1/2} exists; the
     long tail of tiny eigenvalues is what makes this unstable in practice (Appendix B).
     """
-    dtype = compute_dtype(weight, covariance)
-    values, vectors = torch.linalg.eigh(
-        covariance.to(dtype) + damping * torch.eye(len(covariance), dtype=dtype, device=covariance.device)
-    )
+    c = covariance.double()
+    values, vectors = torch.linalg.eigh(c + damping * torch.eye(len(c), dtype=c.dtype, device=c.device))
     values = values.clamp_min(damping)
     root = (vectors * values.sqrt()) @ vectors.T
     inverse_root = (vectors * values.rsqrt()) @ vectors.T
-    _, _, vh = torch.linalg.svd(weight.to(dtype) @ root, full_matrices=False)
-    return canonical_signs(vh[:rank]) @ inverse_root
+    top = top_right_singular_vectors(weight.double() @ root, rank)
+    return (canonical_signs(top) @ inverse_root).to(result_dtype(weight, covariance))
 
 
 def random_a(in_features: int, rank: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,7 +138,7 @@ def lora_da_a(
     released code does: a covariance summed in float32 has eigenvalues a little below 0 in the directions
     its inputs never span, far larger than an absolute 1e-6 damping, and Cholesky fails on it.
     """
-    dtype = compute_dtype(covariance, mean_grad)
+    dtype = torch.float64
     values, vectors = torch.linalg.eigh(covariance.to(dtype))
     inverse_z = (vectors / (values.clamp_min(0) + damping)) @ vectors.T
     inverse_s = 1.0 / (output_grad_sq.to(dtype) + damping)
@@ -121,4 +150,4 @@ def lora_da_a(
     coefficient = beta * inverse_s.sum() / (population * sigma**2)
     guidance = coefficient * inverse_z - step @ step.T
     _, vectors = torch.linalg.eigh((guidance + guidance.T) / 2)  # ascending eigenvalues
-    return canonical_signs(vectors[:, :rank].T)
+    return canonical_signs(vectors[:, :rank].T).to(result_dtype(covariance, mean_grad))

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .adapter import write_adapter, write_metadata
-from .allocation import ModuleAllocation, allocate
+from .allocation import ModuleAllocation, allocate, allocate_released
 from .calibration import Calibration
 from .data import DataOptions, load_calibration_set, rank_warning
 from .errors import TloraError
@@ -38,13 +38,26 @@ from .targets import find_targets, parse_suffixes
 
 WeightOf = Callable[[str], torch.Tensor]
 
+RECIPES = ("default", "released")
+RELEASED_NUM_SAMPLES = 256  # math_train.py's dataset.select(range(256))
+
+
+def method_center(method: str) -> bool:
+    """The covariance each method's own paper defines: TLoRA's Cov[X] is centred (per sample, as the
+    released code computes it); LoRA-DA's K-FAC factor E[x x^T] is the uncentred second moment."""
+    return method != "lora-da"
+
+
+def covariance_kind(center: bool) -> str:
+    return "covariance centred per sample" if center else "uncentred second moment"
+
 
 @dataclass
 class CalibrationOptions:
     num_samples: int = 32
     seq_len: int = 512
     target_modules: str | None = None
-    center: bool = False
+    center: bool = True  # SPEC.md: Cov[X], centred per sample; False gives the uncentred second moment
     device: str | None = None
     dtype: str = "auto"
     seed: int = 0
@@ -72,6 +85,18 @@ class AllocationOptions:
     min_rank: int = 0
     rank_allocation: bool = True
     alpha_allocation: bool = True
+    recipe: str = "default"
+
+    def check(self) -> None:
+        """Fail on bad allocation flags before minutes of calibration."""
+        if self.recipe not in RECIPES:
+            raise TloraError(f"--recipe must be one of {', '.join(RECIPES)}; got {self.recipe!r}")
+        if self.recipe == "released" and (self.min_rank or not (self.rank_allocation and self.alpha_allocation)):
+            raise TloraError(
+                "--recipe released allocates ranks and alphas its own way: drop --min-rank, --uniform, "
+                "--no-rank-allocation and --no-alpha-allocation"
+            )
+        allocate(["x"], [(self.budget_rank, self.budget_rank)], [1.0], self.budget_rank, self.alpha, self.min_rank)
 
 
 METHODS = ("tlora", "w-svd", "random", "theory", "lora-da")
@@ -87,8 +112,11 @@ class InitOptions:
     seed: int = 0
     lora_da_beta: float = 0.03  # the released LoRA-DA config's weight on the variance term
     lora_da_population: int = 100_000  # N: the size of the fine-tuning set, not of the calibration set
+    recipe: str = "default"
 
     def check(self) -> None:
+        if self.recipe == "released" and self.method != "tlora":
+            raise TloraError(f"--recipe released reproduces TLoRA's released code: drop --method {self.method}")
         if self.method not in METHODS:
             raise TloraError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not self.damping > 0:
@@ -102,7 +130,10 @@ class InitOptions:
 
     @property
     def trains_a(self) -> bool:
-        return self.method == "random" if self.train_a is None else self.train_a
+        """The released code trains A with B (get_peft_model makes every lora_ weight trainable)."""
+        if self.train_a is not None:
+            return self.train_a
+        return self.method == "random" or self.recipe == "released"
 
 
 @dataclass
@@ -220,10 +251,14 @@ def stats_scratch(offload_dir: Path | None) -> Iterator[Path | None]:
 
 
 def allocate_modules(stats: Statistics, options: AllocationOptions) -> list[ModuleAllocation]:
+    names, shapes = [t.name for t in stats.targets], [t.shape for t in stats.targets]
+    scores = [stats.scores[t.name] for t in stats.targets]
+    if options.recipe == "released":
+        return allocate_released(names, shapes, scores, options.budget_rank, options.alpha)
     return allocate(
-        [t.name for t in stats.targets],
-        [t.shape for t in stats.targets],
-        [stats.scores[t.name] for t in stats.targets],
+        names,
+        shapes,
+        scores,
         rank=options.budget_rank,
         alpha=options.alpha,
         min_rank=options.min_rank,
@@ -293,11 +328,7 @@ def factorise(
 def _lora_da(
     a: ModuleAllocation, stats: Statistics, cov: torch.Tensor, device: str, options: InitOptions
 ) -> torch.Tensor:
-    if stats.mean_grads is None or stats.output_grad_sq is None:
-        raise TloraError(
-            "--method lora-da needs gradient statistics: calibrate with `tlora calibrate --gradients`, "
-            "or run `tlora init --method lora-da` without --calibration"
-        )
+    check_gradients(stats)
     grad, out_sq = stats.mean_grads[a.name].to(device), stats.output_grad_sq[a.name].to(device)
     try:
         matrix = lora_da_a(cov, out_sq, grad, a.rank, options.lora_da_beta, options.lora_da_population, options.damping)
@@ -333,6 +364,9 @@ def metadata(
             if init.method == "lora-da"
             else {}
         ),
+        "recipe": init.recipe,
+        **({"released_recipe": released_departures(calibration, allocations)} if init.recipe == "released" else {}),
+        "covariance": covariance_kind(calibration.settings.get("center", False)) if init.uses_covariances else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": calibration.model,
         "data": calibration.data,
@@ -346,6 +380,54 @@ def metadata(
         "modules": [a.as_dict() for a in allocations],
         "versions": package_versions(),
         "timings": timings,
+    }
+
+
+def check_gradients(stats: Statistics) -> None:
+    if stats.mean_grads is None or stats.output_grad_sq is None:
+        raise TloraError(
+            "--method lora-da needs gradient statistics: calibrate with `tlora calibrate --gradients`, "
+            "or run `tlora init --method lora-da` without --calibration"
+        )
+
+
+def check_calibration(calibration: Calibration, init: InitOptions, center: bool, explicit: bool, where: str) -> None:
+    """`init --calibration` finishes only from the statistics its method reads (SPEC.md): the gradient
+    statistics for lora-da, and never the centred covariance for the uncentred moment or the reverse."""
+    if init.method == "lora-da":
+        check_gradients(calibration.stats)
+    if not init.uses_covariances:
+        return
+    held = bool(calibration.settings.get("center", False))
+    if held == center:
+        return
+    flag, other = ("--center", "--no-center") if center else ("--no-center", "--center")
+    fixed = explicit or init.recipe == "released"
+    reader = "--recipe released" if init.recipe == "released" else f"--method {init.method}"
+    asked = f"{flag} asks for" if explicit else f"{reader} reads"
+    hint = f"recalibrate with `tlora calibrate {flag}`" + ("" if fixed else f", or pass {other} to use it as it is")
+    raise TloraError(
+        f"{where} holds the {covariance_kind(held)} of the layer inputs, and {asked} the "
+        f"{covariance_kind(center)}: {hint}"
+    )
+
+
+def released_departures(calibration: Calibration, allocations: list[ModuleAllocation]) -> dict:
+    """What `--recipe released` changed from the default, and where this run still differs from the released code."""
+    differs = ["covariance accumulated in float32 (the released code accumulates in bfloat16)"]
+    if calibration.stats.num_samples != RELEASED_NUM_SAMPLES:
+        differs.append(f"{calibration.stats.num_samples} samples (the released code uses {RELEASED_NUM_SAMPLES})")
+    left_out = [a.name for a in allocations if not a.rank]
+    if left_out:
+        differs.append(f"{len(left_out)} modules with rank 0 left out (the released code builds rank-0 layers)")
+    return {
+        "changed_from_default": [
+            "ranks: round(R p_i), the leftover to the module with the largest rank (default: largest remainder)",
+            "scaling: max(alpha, round(alpha_total p_i)) / r_init (default: alpha_total p_i / r_init)",
+            "A trained with B (default: A frozen)",
+            f"{RELEASED_NUM_SAMPLES} samples unless --num-samples says otherwise (default: 32)",
+        ],
+        "differs_from_released": differs,
     }
 
 

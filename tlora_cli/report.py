@@ -100,6 +100,9 @@ def summarise(folder: Path) -> dict:
         "adapter": str(folder),
         "base_model": config.get("base_model_name_or_path"),
         "method": meta.get("method") if meta else None,
+        "recipe": meta.get("recipe", "default") if meta else None,
+        "covariance": meta.get("covariance") if meta else None,
+        "train_a": meta.get("train_a") if meta else None,
         "modules": modules,
         "targets": len(all_shapes),
         "totals": {
@@ -126,6 +129,10 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
 
 def print_summary(summary: dict, console: Console) -> None:
     t, u = summary["totals"], summary["uniform_lora"]
+    if summary["method"]:
+        a_state = "trained" if summary["train_a"] else "frozen"
+        covariance = f", covariance {summary['covariance']}" if summary["covariance"] else ""
+        console.print(f"method {summary['method']}, recipe {summary['recipe']}{covariance}, A {a_state} in training")
     console.print(
         _table(
             f"{summary['adapter']} (base: {summary['base_model']})",

@@ -48,11 +48,15 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "tlora-rank": ("+ rank allocation", ["--no-alpha-allocation"]),
     "tlora-alpha": ("+ alpha allocation", ["--no-rank-allocation"]),
     "tlora": ("full TLoRA", []),
+    "tlora-no-center": ("full TLoRA, --no-center (0.1's default)", ["--no-center"]),
+    "tlora-released": ("TLoRA --recipe released (A trained)", ["--recipe", "released"]),
     "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
     "lora-da": ("LoRA-DA (A frozen)", ["--method", "lora-da", "--uniform"]),
 }
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
 SEEDED_ARMS = {"lora"}
+# Arms that read the uncentred second moment (and lora-da's gradients) finish from a second calibration.
+UNCENTRED_ARMS = {"tlora-no-center", "lora-da"}
 CALIBRATION_SET_SEED, TRAIN_SEED, TEST_SEED, VALID_SEED = 0, 1, 2, 3  # seed 0 is the shipped calibration set
 ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
@@ -283,6 +287,29 @@ def next_lr(lrs: list[float], val_loss: dict[float, float], extend: int) -> floa
     return None
 
 
+def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> None:
+    """Finished runs of arms that a change did not touch, taken from an earlier results file as they are.
+
+    Random A and W-SVD do not read the covariance, so the centring change leaves them as they were;
+    each imported run keeps `imported_from`, so the report can say which figures were not rerun.
+    """
+    other = json.loads(path.read_text())
+    if other["protocol"] != protocol:
+        raise SystemExit(f"{path} was run under another protocol: its runs cannot be compared with these")
+    results.setdefault("baseline", other["baseline"])
+    for spec in arms:
+        source, _, target = spec.partition(":")
+        target = target or source
+        for run in other["runs"].values():
+            if run["arm"] == source:
+                copied = {**run, "arm": target, "imported_from": path.name}
+                copied["init"] = run["init"].replace(source, target, 1)
+                results["runs"].setdefault(run_key(target, run["lr"], run["seed"]), copied)
+        for key, init in other["inits"].items():
+            if key == source or key.startswith(f"{source}-s"):
+                results["inits"].setdefault(key.replace(source, target, 1), {**init, "imported_from": path.name})
+
+
 class Experiment:
     """The fixed parts of a run: base model, tokenizer, splits, calibration, batches per seed, results file."""
 
@@ -298,24 +325,27 @@ class Experiment:
         self.train_encoded = encode(self.train_set, self.tokenizer, args.seq_len)
         self.valid_encoded = encode(self.valid_set, self.tokenizer, args.seq_len)
         self.test_encoded = encode(self.test_set, self.tokenizer, args.seq_len)
-        self.calibration = args.work_dir / "calibration"
+        self.calibrations = {True: args.work_dir / "calibration", False: args.work_dir / "calibration-uncentred"}
         (args.work_dir / "trained").mkdir(parents=True, exist_ok=True)
 
     def save(self) -> None:
         save(self.args.results, self.results)
 
-    def calibrate(self) -> None:
-        """One calibration for every arm; --gradients adds what lora-da needs (the rest are the same bytes)."""
-        if "--gradients" in self.results.get("calibration", {}).get("command", "") and self.calibration.is_dir():
-            return
+    def calibrate(self, centred: bool) -> Path:
+        """The centred calibration (the default), or the uncentred one with the gradients lora-da reads."""
+        folder = self.calibrations[centred]
+        key = "calibration" if centred else "calibration_uncentred"
+        if key in self.results and folder.is_dir():
+            return folder
         a = self.args
         seconds, command = run_tlora(
             ["calibrate", "--data", str(self.train_file), "--num-samples", str(a.num_samples), "--seq-len",
-             str(a.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--gradients", "--quiet",
-             "--overwrite", "-o", str(self.calibration)]
+             str(a.seq_len), "--seed", "0", "--device", "cpu", "--engine", "whole", "--quiet", "--overwrite",
+             *([] if centred else ["--no-center", "--gradients"]), "-o", str(folder)]
         )  # fmt: skip
-        self.results["calibration"] = {"seconds": seconds, "command": command}
+        self.results[key] = {"seconds": seconds, "command": command}
         self.save()
+        return folder
 
     def baseline(self) -> None:
         """B = 0 in every arm: one evaluation of the untouched model stands for all."""
@@ -337,8 +367,9 @@ class Experiment:
             flags = [*ARMS[arm][1], "--budget-rank", str(a.budget_rank), "--alpha", f"{a.alpha:g}"]
             if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
                 flags += ["--lora-da-population", str(a.steps * a.batch_size)]
+            calibration = self.calibrate(centred=arm not in UNCENTRED_ARMS)
             seconds, command = run_tlora(
-                ["init", "--calibration", str(self.calibration), *flags, "--seed", str(seed), "--device", "cpu",
+                ["init", "--calibration", str(calibration), *flags, "--seed", str(seed), "--device", "cpu",
                  "--quiet", "--overwrite", "-o", str(adapter)]
             )  # fmt: skip
             self.results["inits"][init_key] = {"seconds": seconds, "command": command, **allocation_summary(adapter)}
@@ -450,12 +481,21 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=64)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--import-from", type=Path, help="A results file under the same protocol to take runs from.")
+    parser.add_argument(
+        "--import-arms", nargs="+", default=[], metavar="ARM[:AS]",
+        help="Arms whose finished runs (and baseline) are taken from --import-from, optionally renamed.",
+    )  # fmt: skip
     args = parser.parse_args()
     if len(args.lrs) > 1 and not args.num_valid:
         parser.error("a learning-rate sweep needs a validation split: --num-valid > 0")
     torch.set_num_threads(2)
     (args.work_dir / "adapters").mkdir(parents=True, exist_ok=True)
-    protocol = {k: v for k, v in vars(args).items() if k not in ("work_dir", "results", "arms", "seeds")}
+    protocol = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms")
+    }
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if results.get("protocol", protocol) != protocol:
         raise SystemExit(f"{args.results} holds runs under another protocol: move it away or pass the same flags")
@@ -464,8 +504,10 @@ def main() -> None:
     for key in ("inits", "runs", "selected"):
         results.setdefault(key, {})
 
+    if args.import_from:
+        import_runs(results, args.import_from, args.import_arms, protocol)
     experiment = Experiment(args, results)
-    experiment.calibrate()
+    experiment.calibrate(centred=True)
     experiment.baseline()
     # Every arm's rate and its test score on the sweep seed first: a cut-off run still compares all arms on one seed.
     for arm in args.arms:
