@@ -41,7 +41,19 @@ def _reason(error: Exception) -> str:
         if status in (401, 403):
             return f"not authorised ({status}): log in with `hf auth login` or set HF_TOKEN to a token that can write"
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    detail = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    if _is_connection_error(error):
+        from huggingface_hub import constants
+
+        return f"cannot reach {constants.ENDPOINT} ({detail})"
+    return detail
+
+
+def _is_connection_error(error: Exception) -> bool:
+    """A network failure, whichever HTTP client huggingface_hub uses (requests, httpx, httpx2): judged by the
+    error's class names, as the client is not ours to import."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutError", "TransportError", "Timeout"})
 
 
 def push_folder(
@@ -65,4 +77,4 @@ def push_folder(
             f"could not push {folder} to {repo_id}: {_reason(e)}; the output is kept: finish later with "
             f"`{hf_upload_command(folder, repo_id, private, create_pr)}`"
         ) from e
-    return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or f"{repo_id}"
+    return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or repo_id
