@@ -157,13 +157,15 @@ def adapter_card(folder: Path, command: str | None = None, plot: bool = False, n
     if meta.get("tool") == "tlora" or meta.get("method"):
         text += (
             ", initialised by [tlora](https://pypi.org/project/tlora-cli/): task-aware LoRA (TLoRA), whose A "
-            "matrices and per-module ranks come from the model's activations on a few task samples. B starts "
-            "at zero, so before training the adapter leaves the model unchanged.\n"
+            "matrices and per-module ranks come from the model's activations on a few task samples."
         )
+        text += "\n" if fmt else " B starts at zero, so before training the adapter leaves the model unchanged.\n"
     else:
         text += ".\n"
     if fmt:
         text += f"\nThis is the `{fmt}` export (`tlora export --format {fmt}`): {_export_note(fmt, config)}\n"
+        if command:
+            text += f"\nExported with `{command}`.\n"
     made = _made(meta, command if not fmt else None)
     if made:
         text += "\n## How it was made\n\n| | |\n|---|---|\n" + "\n".join(made) + "\n"
@@ -185,9 +187,12 @@ def adapter_card(folder: Path, command: str | None = None, plot: bool = False, n
             f"base = AutoModelForCausalLM.from_pretrained({base_arg!r})\n"
             'model = load_for_training(base, "path/to/this/adapter")  # a PeftModel, ready for any trainer\n```\n'
         )
+    if fmt:
+        return text
     text += (
         "\n## Serving it\n\n"
-        "PEFT loads it as it is. Inference servers apply one scaling to every module, so export it first:\n\n"
+        "PEFT loads it as it is (and so does training). Inference servers apply one scaling to every module, "
+        "so export it first, after training:\n\n"
         "```bash\n"
         "tlora export ADAPTER -o ADAPTER-vllm --format vllm      # vLLM: scalings folded into B, ranks kept\n"
         "tlora export ADAPTER -o ADAPTER-padded --format padded  # SGLang, TGI, LoRAX: one rank, no patterns\n"
@@ -219,7 +224,7 @@ def _vllm_rank(r: object) -> object:
 
 def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
     text = front_matter(base, "merge", "transformers", _datasets(adapter_meta), ["merged"])
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else "its base model"
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else "The base model"
     text += (
         f"\n# {folder.name}\n\n"
         f"{base_text} with a LoRA adapter merged into its weights (W + s B A for every adapted module), written "
