@@ -482,7 +482,17 @@ def export_command(
     if push_to_hub is None and (private or create_pr):
         raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
     reporter = Reporter(quiet)
-    result = export(adapter_dir, out, fmt, model, revision, rank, overwrite, command_line())
+    result = export(
+        adapter_dir,
+        out,
+        fmt,
+        model,
+        revision,
+        rank,
+        overwrite,
+        command_line(),
+        lambda shard: reporter.info(f"merging {shard}"),
+    )
     reporter.info(f"wrote {out}: {result.fmt} export of {result.modules} modules, largest rank {result.rank}")
     for hint in result.hints:
         reporter.info(hint)

@@ -214,10 +214,11 @@ def _copy_metadata(adapter: Path, folder: Path, export: dict) -> None:
 
 
 def write_adapter_export(
-    adapter: Path, folder: Path, fmt: str, rank: int | None = None
+    adapter: Path, folder: Path, fmt: str, rank: int | None = None, lora: tuple[dict, list[LoraModule]] | None = None
 ) -> tuple[dict, list[LoraModule]]:
-    """Write the vllm or padded export of `adapter` into `folder`; returns the new config and the modules read."""
-    config, modules = read_lora(adapter)
+    """Write the vllm or padded export of `adapter` into `folder`; returns the new config and the modules read
+    (`lora`: what read_lora(adapter) returned, when the caller has it)."""
+    config, modules = lora or read_lora(adapter)
     if fmt == "vllm":
         if rank is not None:
             raise TloraError("--rank pads to one rank: it goes with --format padded")
@@ -231,11 +232,15 @@ def write_adapter_export(
 
 
 def write_merged(
-    adapter: Path, base: Path, folder: Path, on_shard: Callable[[str], None] | None = None
+    adapter: Path,
+    base: Path,
+    folder: Path,
+    on_shard: Callable[[str], None] | None = None,
+    lora: tuple[dict, list[LoraModule]] | None = None,
 ) -> tuple[dict, list[LoraModule]]:
     """W + s_i B_i A_i for every adapted module, one base shard in memory at a time, under the base's names,
     index and dtype; the base's config, tokenizer and other small files copied beside them."""
-    config, modules = read_lora(adapter)
+    config, modules = lora or read_lora(adapter)
     checkpoint = Checkpoint(base)
     by_weight = {f"{m.name}.weight": m for m in modules}
     missing = [k for k in by_weight if k not in checkpoint.files]
@@ -345,18 +350,17 @@ def export(
         raise TloraError("--rank pads to one rank: it goes with --format padded")
     if out.resolve() == adapter.resolve():
         raise TloraError(f"-o {out} is the adapter itself: write the export to another folder")
-    read_lora(adapter)  # refuse before a base model is resolved or downloaded
+    lora = read_lora(adapter)  # refuse before a base model is resolved or downloaded
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "merged":
-            config, _ = read_lora(adapter)
-            base, hub_id = merged_base(adapter, config, model, revision)
-            _, modules = write_merged(adapter, base, tmp, on_shard)
+            base, hub_id = merged_base(adapter, lora[0], model, revision)
+            _, modules = write_merged(adapter, base, tmp, on_shard, lora)
             meta = read_json(adapter / METADATA) if (adapter / METADATA).is_file() else {}
             (tmp / CARD).write_text(merged_card(out, hub_id, meta, str(adapter)))
             top = max(m.rank for m in modules)
             hints = [f"serve it like any model: vllm serve {out}"]
         else:
-            new_config, modules = write_adapter_export(adapter, tmp, fmt, rank)
+            new_config, modules = write_adapter_export(adapter, tmp, fmt, rank, lora)
             write_card(tmp, command, name=out.name)
             top = new_config["r"]
             base = new_config.get("base_model_name_or_path") or "BASE_MODEL"
