@@ -311,3 +311,19 @@ def test_exports_of_an_adapter_for_the_builtin_smollm2(run_cli, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # `base` was merged into
     moved = (logits(plain) - logits(reference)).abs().max().item()
     assert diff < 0.05 * logits(reference).abs().max().item() and diff < moved, (diff, moved)
+
+
+def test_merging_into_another_model_warns(trained, run_cli, tmp_path):
+    model_dir, adapter = trained
+    other = tmp_path / "other-model"
+    shutil.copytree(model_dir, other)
+    index = json.loads((other / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors = load_file(other / index[key])
+    tensors[key][0] += 1.0  # a fine-tune of the same shape: the fingerprint reads first rows
+    save_file(tensors, other / index[key], metadata={"format": "pt"})
+    same = run_cli("export", adapter, "-o", tmp_path / "same", "--format", "merged")
+    assert same.code == 0 and "warning" not in same.stderr and "merging model-00001" in same.stderr
+    result = run_cli("export", adapter, "-o", tmp_path / "merged", "--format", "merged", "--model", other)
+    assert result.code == 0, result.stderr
+    assert "not the model this adapter was calibrated on" in result.stderr

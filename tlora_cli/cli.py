@@ -494,6 +494,8 @@ def export_command(
         lambda shard: reporter.info(f"merging {shard}"),
     )
     reporter.info(f"wrote {out}: {result.fmt} export of {result.modules} modules, largest rank {result.rank}")
+    for warning in result.warnings:
+        reporter.warn(warning)
     for hint in result.hints:
         reporter.info(hint)
     _push(out, push_to_hub, private, create_pr, reporter)

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -325,6 +325,7 @@ class ExportResult:
     modules: int
     rank: int
     hints: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def export(
@@ -351,6 +352,7 @@ def export(
     if out.resolve() == adapter.resolve():
         raise TloraError(f"-o {out} is the adapter itself: write the export to another folder")
     lora = read_lora(adapter)  # refuse before a base model is resolved or downloaded
+    warnings: list[str] = []
     with atomic_dir(out, overwrite) as tmp:
         if fmt == "merged":
             base, hub_id = merged_base(adapter, lora[0], model, revision)
@@ -359,6 +361,11 @@ def export(
             (tmp / CARD).write_text(merged_card(out, hub_id, meta, str(adapter)))
             top = max(m.rank for m in modules)
             hints = [f"serve it like any model: vllm serve {out}"]
+            calibrated = (meta.get("model") or {}).get("fingerprint")
+            if calibrated and Checkpoint(base).fingerprint != calibrated:
+                warnings.append(
+                    f"{base} is not the model this adapter was calibrated on (its weights differ): merged anyway"
+                )
         else:
             new_config, modules = write_adapter_export(adapter, tmp, fmt, rank, lora)
             write_card(tmp, command, name=out.name)
@@ -376,4 +383,4 @@ def export(
             else:
                 hints = [f"every module has rank {top}, scaling 1 (lora_alpha = r = {top}) and no patterns"]
         follow_umask(tmp)
-    return ExportResult(fmt, len(modules), top, hints)
+    return ExportResult(fmt, len(modules), top, hints, warnings)
