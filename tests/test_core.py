@@ -239,7 +239,7 @@ def test_inspect_reports_the_adapter(model_factory, data_file, tmp_path, run_cli
     assert set(summary["by_type"]) <= set(SUFFIXES)
     for m in summary["modules"]:
         assert m["scaling"] == pytest.approx(m["alpha"] / m["rank"])
-    table = run_cli("inspect", out)
+    table = run_cli("inspect", out, "--modules")
     assert table.code == 0 and "uniform LoRA r=2" in table.stdout and "Budget per layer" in table.stdout
 
 

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import __version__
+from .budget_plot import print_picture, write_plot
 from .calibration import load_calibration, save_calibration
 from .data import (
     DataOptions,
@@ -23,6 +25,9 @@ from .data import (
     show_samples,
 )
 from .errors import TloraError, disk_full
+from .export import export, follow_umask
+from .hub_upload import push_folder
+from .model_card import command_line
 from .model_io import load_tokenizer, resolve_model
 from .output import atomic_dir, atomic_file
 from .pipeline import (
@@ -143,6 +148,40 @@ TrainA = Annotated[
 ]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+PushToHub = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="Then publish OUT to this hub model repo (created if needed) in one commit; token and endpoint as "
+        "huggingface_hub finds them.",
+    ),
+]
+Private = Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")]
+CreatePr = Annotated[bool, typer.Option("--create-pr", help="With --push-to-hub: open a pull request instead.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"tlora {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter."""
+
+
+def _push(out: Path, repo_id: str | None, private: bool, create_pr: bool, reporter: Reporter) -> None:
+    if repo_id is None:
+        if private or create_pr:
+            raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
+        return
+    reporter.info(f"pushed {out} to {push_folder(out, repo_id, private, create_pr)}")
 
 
 def _allocation_options(
@@ -295,8 +334,13 @@ def init_command(
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    create_pr: CreatePr = False,
 ) -> None:
     """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
+    if push_to_hub is None and (private or create_pr):
+        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
     if plan and (budget_rank is not None or alpha is not None or min_rank is not None or uniform):
         raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
     data_options = DataOptions(
@@ -330,8 +374,10 @@ def init_command(
         else:
             allocations = allocate_modules(calibration.stats, options)
             settings = allocation_settings(options, len(allocations))
-        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter)
+        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter, out.name)
+        follow_umask(tmp)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
+    _push(out, push_to_hub, private, create_pr, reporter)
 
 
 data_app = typer.Typer(help="The calibration datasets tlora knows, and samples as the model sees them.")
@@ -383,13 +429,76 @@ def data_show_command(
 def inspect_command(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory written by `tlora init`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    modules: Annotated[
+        bool, typer.Option("--modules", help="Every module's rank, alpha, scaling and parameters, as a table.")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw rank and scaling per layer and type into this PNG (matplotlib).")
+    ] = None,
 ) -> None:
-    """Per-module rank, alpha, scaling and parameters; totals against uniform LoRA; budget per layer and type."""
+    """Where the budget went: a rank and scaling heatmap (layers x module types) and totals against uniform LoRA."""
     summary = summarise(adapter_dir)
+    if plot is not None:
+        write_plot(summary, plot)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    else:
+    elif modules:
         print_summary(summary, Console(width=max(Console().width, 100)))
+    else:
+        print_picture(summary, Console(width=max(Console().width, 100)))
+    if plot is not None and not as_json:
+        Console(stderr=True, highlight=False).print(f"wrote {plot}")
+
+
+@app.command("export")
+def export_command(
+    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (tlora's, or a trained one).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="vllm: scalings folded into B, per-module ranks kept; padded: also one rank, no patterns (SGLang, "
+            "TGI, LoRAX); merged: a full checkpoint W + s B A, shard by shard.",
+        ),
+    ] = "vllm",
+    rank: Annotated[
+        int | None, typer.Option(help="padded: the rank to pad to. Default: the adapter's largest.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="merged: the base model folder or hub id. Default: the one the adapter names."
+        ),
+    ] = None,
+    revision: Revision = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
+    create_pr: CreatePr = False,
+) -> None:
+    """An adapter as inference servers read it (vLLM, SGLang/TGI/LoRAX), or merged into its base model."""
+    if push_to_hub is None and (private or create_pr):
+        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
+    reporter = Reporter(quiet)
+    result = export(
+        adapter_dir,
+        out,
+        fmt,
+        model,
+        revision,
+        rank,
+        overwrite,
+        command_line(),
+        lambda shard: reporter.info(f"merging {shard}"),
+    )
+    reporter.info(f"wrote {out}: {result.fmt} export of {result.modules} modules, largest rank {result.rank}")
+    for warning in result.warnings:
+        reporter.warn(warning)
+    for hint in result.hints:
+        reporter.info(hint)
+    _push(out, push_to_hub, private, create_pr, reporter)
 
 
 def quiet_libraries() -> None:

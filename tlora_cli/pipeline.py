@@ -21,6 +21,7 @@ from .calibration import Calibration
 from .data import DataOptions, load_calibration_set, rank_warning
 from .errors import TloraError
 from .factorisation import lora_da_a, random_a, theory_a, tlora_a, w_svd_a
+from .model_card import base_model_name, command_line, write_card
 from .model_io import (
     Checkpoint,
     checkpoint_dtype,
@@ -445,8 +446,10 @@ def initialise(
     options: CalibrationOptions,
     init: InitOptions,
     reporter: Reporter,
+    card_name: str | None = None,
 ) -> None:
-    """Factorise and write the adapter into `folder` (the caller makes it appear atomically)."""
+    """Factorise and write the adapter into `folder` (the caller makes it appear atomically); `card_name` titles
+    its model card (the folder's final name)."""
     active = sum(1 for a in allocations if a.rank)
     largest = max(a.rank for a in allocations)
     warning = rank_warning(calibration.stats.num_tokens, largest)
@@ -457,8 +460,9 @@ def initialise(
         a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step)
     dtype = adapter_dtype(options.dtype, source)
     with reporter.phase("writing", "Writing the adapter"):
-        write_adapter(folder, allocations, a_matrices, dtype, source.name)
+        write_adapter(folder, allocations, a_matrices, dtype, base_model_name(source.name, source.path))
     write_metadata(folder, metadata(calibration, allocations, allocation, init, dtype, dict(reporter.timings)))
+    write_card(folder, command_line(), name=card_name)
     ranks = [a.rank for a in allocations if a.rank]
     trainable = sum(a.trainable_ab if init.trains_a else a.trainable_b for a in allocations)
     reporter.info(

@@ -28,7 +28,11 @@ def encode_sample(
     on. `where` names the sample in errors.
     """
     check_seq_len(seq_len)
-    if not sample.is_pair:
+    if sample.messages is not None:  # a conversation: always through the chat template
+        from .messages import encode_messages
+
+        encoded = encode_messages(sample, tokenizer, seq_len, where)
+    elif not sample.is_pair:
         if chat_template:
             raise TloraError(
                 f"{where} is plain text, but a chat template needs a user turn and an assistant turn; "

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TloraError
+from .messages import is_conversation, messages_sample
 from .samples import Sample
 
 Record = tuple[str, Any]  # (where, as errors name it; the raw record)
@@ -30,6 +31,7 @@ PAIR_FIELDS = (
     ("question", "answer"),
     ("instruction", "output"),
     ("prompt", "completion"),
+    ("prompt", "response"),
 )
 FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_FIELDS)
 
@@ -118,6 +120,11 @@ def record_to_sample(record: Any, where: str) -> Sample:
         raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {_type_name(record)}")
     if _filled(record.get("text")):
         return Sample(text=_string_field(record, "text", where))
+    if is_conversation(record):  # TRL's conversational format
+        sample = messages_sample(record, where)
+        if sample is None:
+            raise TloraError(f"{where}: the conversation has no assistant turn with content; add one")
+        return sample
     for prompt_key, response_key in PAIR_FIELDS:
         if _filled(record.get(prompt_key)) and _filled(record.get(response_key)):
             prompt = _string_field(record, prompt_key, where)

@@ -8,21 +8,27 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Sample:
-    """One calibration example: plain `text` (every token carries loss) or a `prompt`/`response` pair
-    (loss on the response only, as in supervised fine-tuning)."""
+    """One calibration example: plain `text` (every token carries loss), a `prompt`/`response` pair
+    (loss on the response only, as in supervised fine-tuning), or a conversation of (role, content) `messages`
+    (loss on the assistant turns, data/messages.py)."""
 
     text: str | None = None
     prompt: str | None = None
     response: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.messages is not None:
+            if self.text is not None or self.prompt is not None or self.response is not None:
+                raise ValueError("a conversation Sample holds messages only")
+            return
         pair_parts = (self.prompt is not None) + (self.response is not None)
         if (self.text is None and pair_parts != 2) or (self.text is not None and pair_parts != 0):
             raise ValueError("a Sample needs either text, or both prompt and response, not a mix")
 
     @property
     def is_pair(self) -> bool:
-        return self.text is None
+        return self.text is None and self.messages is None
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ class ShownSample:
     context_text: str
     loss_text: str
     truncated: bool
+    # (text, carries the loss) runs in order: more than two for a conversation with several assistant turns
+    segments: tuple[tuple[str, bool], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +66,15 @@ def _decode(sample: EncodedSample, where: str, tokenizer: Any) -> ShownSample:
         return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     ids = sample.input_ids
-    return ShownSample(where, ids, sample.labels, decode(ids[:cut]), decode(ids[cut:]), sample.truncated)
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(ids, sample.labels):
+        loss = label != IGNORE_INDEX
+        if runs and runs[-1][1] == loss:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], loss))
+    segments = tuple((decode(run), loss) for run, loss in runs)
+    return ShownSample(where, ids, sample.labels, decode(ids[:cut]), decode(ids[cut:]), sample.truncated, segments)
 
 
 def _summary(calibration: CalibrationSet, shown: list[ShownSample]) -> str:
@@ -83,8 +93,12 @@ def samples_text(calibration: CalibrationSet, shown: list[ShownSample]) -> Text:
     text.append(_summary(calibration, shown) + "\n\n", style="bold")
     for sample in shown:
         text.append(sample.header + "\n", style="bold")
-        text.append(sample.context_text, style=CONTEXT_STYLE)
-        text.append(sample.loss_text, style=LOSS_STYLE)
+        if len(sample.segments) > 2:  # a conversation: context and loss alternate
+            for part, loss in sample.segments:
+                text.append(part, style=LOSS_STYLE if loss else CONTEXT_STYLE)
+        else:
+            text.append(sample.context_text, style=CONTEXT_STYLE)
+            text.append(sample.loss_text, style=LOSS_STYLE)
         text.append("\n\n")
     text.append("legend: ")
     text.append("carries the loss", style=LOSS_STYLE)
@@ -98,6 +112,11 @@ def samples_plain(calibration: CalibrationSet, shown: list[ShownSample]) -> str:
     lines = [_summary(calibration, shown), ""]
     for sample in shown:
         lines.append(f"=== {sample.header}")
+        if len(sample.segments) > 2:  # a conversation: context and loss alternate
+            for part, loss in sample.segments:
+                lines += ["--- loss ---" if loss else "--- context (no loss) ---", part]
+            lines.append("")
+            continue
         if sample.context_text:
             lines += ["--- context (no loss) ---", sample.context_text]
         lines += ["--- loss ---", sample.loss_text, ""]

@@ -18,6 +18,7 @@ from ..errors import TloraError
 from .builtin import builtin_samples
 from .files import FORMATS_HELP, file_format, read_records, record_to_sample
 from .hub import STREAM_BUFFER, NoDataFiles, NotCached, NotFound, Split, cached_snapshot, open_split
+from .messages import is_conversation, messages_sample
 from .records import RecordFormat, detect_format
 from .registry import REGISTRY, DatasetSpec
 from .samples import Sample
@@ -241,16 +242,21 @@ class _Mapper:
     """Map records with `fmt`, or with the shape the first record's fields imply; check its fields once."""
 
     def __init__(self, fmt: RecordFormat | None, label: str) -> None:
-        self.format, self.label, self.checked = fmt, label, False
+        self.format, self.label, self.checked, self.conversation = fmt, label, False, False
 
     def __call__(self, record: Any, where: str) -> Sample | None:
         if not self.checked:
             if not isinstance(record, Mapping):
                 raise TloraError(f"{where}: expected a record with named fields, got {type(record).__name__}")
-            if self.format is None:
+            if self.format is None and is_conversation(record):  # TRL's `messages`: no fields to name
+                self.conversation = True
+            elif self.format is None:
                 self.format = detect_format(record, self.label)
-            self.format.check_columns(record, self.label)
+            if not self.conversation:
+                self.format.check_columns(record, self.label)
             self.checked = True
+        if self.conversation:
+            return messages_sample(record, where)
         return self.format.to_sample(record, where)
 
 

@@ -1,0 +1,80 @@
+"""`--push-to-hub`: publish a finished output folder as one commit, through huggingface_hub.
+
+Token and endpoint come from wherever huggingface_hub finds them (HF_TOKEN, `hf auth login`, HF_ENDPOINT).
+A push runs after the output is complete on disk; when it fails the folder stays, and the one-line error
+gives the `hf upload` command that finishes the job later.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .errors import TloraError
+
+
+def hf_upload_command(folder: Path, repo_id: str, private: bool = False, create_pr: bool = False) -> str:
+    """The `hf upload` command that makes the same commit from the shell."""
+    args = ["hf", "upload", repo_id, str(folder), ".", "--repo-type", "model"]
+    args += ["--private"] if private else []
+    args += ["--create-pr"] if create_pr else []
+    return shlex.join(args)
+
+
+def commit_operations(folder: Path) -> list:
+    """Every file under `folder`, by its path relative to it: what the commit adds."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
+
+
+def _reason(error: Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE)"
+    if isinstance(error, LocalTokenNotFoundError):
+        return "no Hugging Face token: log in with `hf auth login` or set HF_TOKEN"
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            return f"not authorised ({status}): log in with `hf auth login` or set HF_TOKEN to a token that can write"
+    text = str(error).strip().splitlines()
+    detail = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    if _is_connection_error(error):
+        from huggingface_hub import constants
+
+        return f"cannot reach {constants.ENDPOINT} ({detail})"
+    return detail
+
+
+def _is_connection_error(error: Exception) -> bool:
+    """A network failure, whichever HTTP client huggingface_hub uses (requests, httpx, httpx2): judged by the
+    error's class names, as the client is not ours to import."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"ConnectionError", "TimeoutError", "TransportError", "Timeout"})
+
+
+def push_folder(
+    folder: Path, repo_id: str, private: bool = False, create_pr: bool = False, message: str | None = None
+) -> str:
+    """create_repo (exist_ok) + one commit adding every file of `folder`; returns the commit's (or PR's) URL."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations=commit_operations(folder),
+            commit_message=message or f"Upload {folder.name} with tlora",
+            repo_type="model",
+            create_pr=create_pr,
+        )
+    except Exception as e:  # network, auth, validation: the output is safe on disk either way
+        raise TloraError(
+            f"could not push {folder} to {repo_id}: {_reason(e)}; the output is kept: finish later with "
+            f"`{hf_upload_command(folder, repo_id, private, create_pr)}`"
+        ) from e
+    return getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or repo_id

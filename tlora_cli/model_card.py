@@ -1,0 +1,246 @@
+"""README.md model cards for adapter folders (init and export), and the hub id an adapter names as its base.
+
+The card follows the Hub's conventions (YAML front matter read by the Hub: base_model, base_model_relation,
+library_name, pipeline_tag, tags, datasets) and says in its body how the adapter was made, how to train it
+with A frozen and how to serve it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from .adapter import CONFIG, METADATA
+from .builtin_model import COMPLETE_MARKER
+
+CARD = "README.md"
+PLOT = "budget.png"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# org/name, as the hub spells repo ids (no path that exists here, no ./ or ~/ or absolute path).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
+
+
+def looks_like_hub_id(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and HUB_ID.fullmatch(name) is not None
+        and ".." not in name
+        and not Path(name).expanduser().exists()
+    )
+
+
+def base_hub_id(name: str | None, path: Path | None) -> str | None:
+    """The hub id of a base model: the built-in model's own; the id it was asked for by; for a local folder
+    the id its config.json names (`_name_or_path`) when that looks like one; else None."""
+    if path is not None and (path / COMPLETE_MARKER).is_file():  # the built-in SmolLM2, converted from GGUF
+        return BUILTIN_HUB_ID
+    if name is not None and looks_like_hub_id(name):
+        return name
+    if path is not None:
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if looks_like_hub_id(config.get("_name_or_path")):
+            return config["_name_or_path"]
+    return None
+
+
+def base_model_name(name: str, path: Path) -> str:
+    """`base_model_name_or_path` for adapter_config.json: the hub id when there is one, else the local folder."""
+    return base_hub_id(name, path) or name
+
+
+def command_line() -> str | None:
+    """The `tlora ...` command this process runs, when it is the CLI (None from a library call)."""
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 == "tlora" or sys.argv[0].endswith(("tlora_cli/__main__.py", "tlora_cli")):
+        return shlex.join(["tlora", *sys.argv[1:]])
+    return None
+
+
+def _yaml(value: object) -> str:
+    """A scalar as YAML: JSON's quoted strings are valid YAML and never misread (yes/no, numbers, colons)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def front_matter(
+    base_model: str | None, relation: str, library: str, datasets: list[str], extra_tags: list[str]
+) -> str:
+    tags = ["tlora", "lora", *extra_tags]
+    if library == "peft":
+        tags.append("peft")
+    if base_model:
+        tags.append(f"base_model:{relation}:{base_model}")
+    lines = ["---"]
+    if base_model:
+        lines += [f"base_model: {_yaml(base_model)}", f"base_model_relation: {relation}"]
+    lines += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
+    lines += [f"- {_yaml(t)}" for t in dict.fromkeys(tags)]
+    if datasets:
+        lines.append("datasets:")
+        lines += [f"- {_yaml(d)}" for d in datasets]
+    lines.append("---")
+    return "\n".join(lines) + "\n"
+
+
+def _read(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _datasets(meta: dict) -> list[str]:
+    hub_id = (meta.get("data") or {}).get("hub_id")
+    return [hub_id] if isinstance(hub_id, str) and hub_id else []
+
+
+def _made(meta: dict, command: str | None) -> list[str]:
+    """'How it was made' rows, from tlora_metadata.json."""
+    data, calibration = meta.get("data") or {}, meta.get("calibration") or {}
+    allocation, modules = meta.get("allocation") or {}, meta.get("modules") or []
+    ranks = [m["rank"] for m in modules if m.get("rank")]
+    rows = []
+    if command:
+        rows.append(("command", f"`{command}`"))
+    if data:
+        hub = f" (hub: {data['hub_id']})" if data.get("hub_id") else ""
+        rows.append(("data", f"`{data.get('source', '?')}`{hub}"))
+        rows.append(("samples N", f"{data.get('num_samples', '?')} of {data.get('num_available', '?')}"))
+        rows.append(
+            ("tokens per sample T", f"{data.get('seq_len', '?')} at most; {data.get('num_tokens', '?')} tokens in all")
+        )
+    if allocation:
+        rows.append(
+            (
+                "budget",
+                f"r_init {allocation.get('budget_rank')} x {len(modules)} modules = {allocation.get('budget')} ranks, "
+                f"alpha_total {allocation.get('alpha_total'):g}"
+                if isinstance(allocation.get("alpha_total"), int | float)
+                else f"r_init {allocation.get('budget_rank')}",
+            )
+        )
+    if ranks:
+        rows.append(("ranks", f"{min(ranks)}-{max(ranks)} over {len(ranks)} of {len(modules)} modules"))
+    if meta.get("method"):
+        rows.append(("method", meta["method"]))
+        rows.append(("recipe", meta.get("recipe", "default")))
+    if meta.get("covariance"):
+        rows.append(("covariance", meta["covariance"]))
+    if calibration.get("center") is not None and not meta.get("covariance"):
+        rows.append(("covariance", "centred" if calibration["center"] else "uncentred"))
+    if "train_a" in meta:
+        rows.append(("A in training", "trained" if meta["train_a"] else "frozen"))
+    version = (meta.get("versions") or {}).get("tlora")
+    if version:
+        rows.append(("tlora", version))
+    return [f"| {k} | {v} |" for k, v in rows]
+
+
+def adapter_card(folder: Path, command: str | None = None, plot: bool = False, name: str | None = None) -> str:
+    """The card for an adapter folder, from its adapter_config.json and tlora_metadata.json."""
+    config, meta = _read(folder / CONFIG), _read(folder / METADATA)
+    base_name = config.get("base_model_name_or_path")
+    base = base_name if looks_like_hub_id(base_name) else None
+    export = meta.get("export") or {}
+    fmt = export.get("format")
+    tags = [f"export:{fmt}"] if fmt else []
+    text = front_matter(base, "adapter", "peft", _datasets(meta), tags)
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{base_name or 'its base model'}`"
+    text += f"\n# {name or folder.name}\n\n"
+    text += f"A LoRA adapter (PEFT) for {base_text}"
+    if meta.get("tool") == "tlora" or meta.get("method"):
+        text += (
+            ", initialised by [tlora](https://pypi.org/project/tlora-cli/): task-aware LoRA (TLoRA), whose A "
+            "matrices and per-module ranks come from the model's activations on a few task samples."
+        )
+        text += "\n" if fmt else " B starts at zero, so before training the adapter leaves the model unchanged.\n"
+    else:
+        text += ".\n"
+    if fmt:
+        text += f"\nThis is the `{fmt}` export (`tlora export --format {fmt}`): {_export_note(fmt, config)}\n"
+        if command:
+            text += f"\nExported with `{command}`.\n"
+    made = _made(meta, command if not fmt else None)
+    if made:
+        text += "\n## How it was made\n\n| | |\n|---|---|\n" + "\n".join(made) + "\n"
+    if plot:
+        text += f"\n## Where the budget went\n\n![rank and scaling per layer and module type]({PLOT})\n"
+    base_arg = base or base_name or "BASE_MODEL"
+    if not fmt:
+        frozen = not meta.get("train_a", False)
+        text += (
+            "\n## Training it\n\n"
+            + (
+                "TLoRA trains B only: A stays as initialised. `load_for_training` loads the adapter with A "
+                "frozen (as buffers, so no optimizer or weight decay touches them):\n"
+                if frozen
+                else "This adapter's recipe trains A with B; `load_for_training` follows it:\n"
+            )
+            + "\n```python\nfrom transformers import AutoModelForCausalLM\nfrom tlora_cli.training import "
+            "load_for_training\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base_arg!r})\n"
+            'model = load_for_training(base, "path/to/this/adapter")  # a PeftModel, ready for any trainer\n```\n'
+        )
+    if fmt:
+        return text
+    text += (
+        "\n## Serving it\n\n"
+        "PEFT loads it as it is (and so does training). Inference servers apply one scaling to every module, "
+        "so export it first, after training:\n\n"
+        "```bash\n"
+        "tlora export ADAPTER -o ADAPTER-vllm --format vllm      # vLLM: scalings folded into B, ranks kept\n"
+        "tlora export ADAPTER -o ADAPTER-padded --format padded  # SGLang, TGI, LoRAX: one rank, no patterns\n"
+        "tlora export ADAPTER -o MERGED --format merged          # servers without LoRA: W + s B A\n"
+        "```\n"
+    )
+    return text
+
+
+def _export_note(fmt: str, config: dict) -> str:
+    r = config.get("r")
+    if fmt == "vllm":
+        return (
+            f"each module's scaling alpha_i / r_i is folded into B and `lora_alpha = r = {r}`, so vLLM's single "
+            "scaling is exact; per-module ranks are kept. Serve it with `vllm serve BASE --enable-lora "
+            f"--max-lora-rank {_vllm_rank(r)} --lora-modules NAME=PATH`."
+        )
+    return (
+        f"each module's scaling is folded into B and every A and B is zero-padded to rank {r}, with no rank or "
+        "alpha patterns: SGLang, TGI and LoRAX load it as a plain LoRA adapter."
+    )
+
+
+def _vllm_rank(r: object) -> object:
+    from .export import vllm_max_lora_rank
+
+    return vllm_max_lora_rank(int(r)) if isinstance(r, int) else r
+
+
+def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
+    text = front_matter(base, "merge", "transformers", _datasets(adapter_meta), ["merged"])
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else "The base model"
+    text += (
+        f"\n# {folder.name}\n\n"
+        f"{base_text} with a LoRA adapter merged into its weights (W + s B A for every adapted module), written "
+        f"by `tlora export --format merged` from `{adapter}`. Load it like the base model; serve it with any "
+        "server, no LoRA support needed.\n"
+    )
+    made = _made(adapter_meta, None)
+    if made:
+        text += "\n## How the adapter was made\n\n| | |\n|---|---|\n" + "\n".join(made) + "\n"
+    return text
+
+
+def write_card(folder: Path, command: str | None = None, name: str | None = None) -> None:
+    """README.md (and budget.png when matplotlib is installed) in an adapter folder being written; `name` is
+    the folder's final name (it is written under a temporary one)."""
+    from .budget_plot import try_write_plot
+
+    plot = try_write_plot(folder, folder / PLOT, name)
+    (folder / CARD).write_text(adapter_card(folder, command, plot, name))
