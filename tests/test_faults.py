@@ -374,6 +374,18 @@ def test_inconsistent_calibration(run_cli, model, calibration, tmp_path, edit):
     assert snapshot(tmp_path) == before
 
 
+def test_calibration_pointing_outside_its_folder(run_cli, model, calibration, tmp_path):
+    """A module name that leads out of the folder to a file that exists there is refused, never read."""
+    first = json.loads((calibration / "calibration.json").read_text())["modules"][0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(calibration / "covariances" / f"{first['input']}.safetensors", outside)
+    _edit_manifest(calibration, lambda m: m["modules"][0].update(name="../../outside", input="../../outside"))
+    before = snapshot(tmp_path)
+    line = one_line(run_cli("allocate", calibration, "-q", "-o", tmp_path / "plan.json"), 1)
+    assert "outside" in line
+    assert snapshot(tmp_path) == before
+
+
 def _first_covariance(calibration: Path) -> Path:
     return sorted((calibration / "covariances").glob("*.safetensors"))[0]
 
@@ -564,3 +576,77 @@ def test_scores_in_metadata_are_finite_json(run_cli, model, data, tmp_path):
     assert run_cli(*init_args(model, data, out)).code == 0
     meta = json.loads((out / "tlora_metadata.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert all(math.isfinite(m["score"]) for m in meta["modules"])
+
+
+def test_hub_dataset_without_network_fails_fast(tmp_path, model_factory):
+    """No retry warnings (eleven lines over ~23 s before): one quick look, then offline mode and the one line."""
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "https://hub.invalid",  # a name no resolver knows, as without a network
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "0",
+    }
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(proxy, None)
+    model = model_factory("llama")
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "tlora_cli", "data", "show", "someorg/no-such-set", "--model", str(model)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - start
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "someorg/no-such-set" in lines[0]
+    assert elapsed < 120
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: meta.update(allocation=[1]),
+        lambda meta: meta.update(modules=[{"name": "x"}]),
+        lambda meta: meta.update(modules="abc"),
+    ],
+)
+def test_inspect_on_hand_edited_metadata(run_cli, model, data, tmp_path, edit):
+    out = tmp_path / "adapter"
+    assert run_cli(*init_args(model, data, out)).code == 0
+    meta = json.loads((out / "tlora_metadata.json").read_text())
+    edit(meta)
+    (out / "tlora_metadata.json").write_text(json.dumps(meta))
+    result = run_cli("inspect", out)
+    assert result.code in (0, 1) and "internal error" not in result.stderr, result.stderr
+    if result.code == 1:
+        one_line(result, 1)
+
+
+def test_plan_whose_settings_are_not_an_object(run_cli, model, calibration, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run_cli("allocate", calibration, "-q", "-o", plan).code == 0
+    doc = json.loads(plan.read_text())
+    doc["settings"] = [float("nan")]
+    plan.write_text(json.dumps(doc))
+    args = ["init", "--model", model, "--calibration", calibration, "--plan", plan, "-q", "-o", tmp_path / "a"]
+    one_line(run_cli(*args), 1, "settings")
+
+
+def test_empty_data_argument(run_cli, model, tmp_path):
+    one_line(run_cli(*init_args(model, "", tmp_path / "a")), 1, "--data is empty")
+
+
+def test_overwrite_without_an_atomic_exchange(run_cli, model, data, tmp_path, monkeypatch):
+    """Where renameat2 is missing, the two-rename fallback still ends with the new OUT and no debris."""
+    out = tmp_path / "adapter"
+    assert run_cli(*init_args(model, data, out)).code == 0
+    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    assert run_cli(*init_args(model, data, out, "--overwrite", "--budget-rank", "4")).code == 0
+    assert json.loads((out / "tlora_metadata.json").read_text())["allocation"]["budget_rank"] == 4
+    no_debris(tmp_path)

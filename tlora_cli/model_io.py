@@ -47,8 +47,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
+    from .hub_probe import offline_when_unreachable
+
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        with offline_when_unreachable():
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except GatedRepoError as e:
         raise TloraError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
     except RevisionNotFoundError as e:

@@ -72,7 +72,10 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
         out.append(ModuleAllocation(t.name, *t.shape, score, share, rank, float(alpha) if rank else 0.0))
     if not any(a.rank for a in out):
         raise TloraError(f"plan {path} gives every module rank 0: nothing to initialise")
-    return out, doc.get("settings", {})
+    settings = doc.get("settings", {})
+    if not isinstance(settings, dict):
+        raise TloraError(f'plan {path}: "settings" is not a JSON object; rerun `tlora allocate`')
+    return out, settings
 
 
 def _finite_field(module: dict, field: str, path: Path, name: str) -> float:

@@ -53,6 +53,17 @@ def _shapes(path: Path) -> dict[str, dict[str, list[int]]]:
 
 def summarise(folder: Path) -> dict:
     """The adapter as numbers: per module, totals, uniform LoRA at the same r, budget per layer and type."""
+    try:
+        return _summarise(folder)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
+        # A hand-edited config or metadata of the wrong shape: say which folder, not where in our code.
+        raise TloraError(
+            f"{folder}: {CONFIG} or {METADATA} does not have the shape tlora writes ({type(e).__name__}: {e}); "
+            "rewrite the adapter with `tlora init`".splitlines()[0]
+        ) from e
+
+
+def _summarise(folder: Path) -> dict:
     if not folder.is_dir():
         raise TloraError(f"{folder} is not a folder: pass an adapter directory written by `tlora init`")
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
