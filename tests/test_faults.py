@@ -650,3 +650,21 @@ def test_overwrite_without_an_atomic_exchange(run_cli, model, data, tmp_path, mo
     assert run_cli(*init_args(model, data, out, "--overwrite", "--budget-rank", "4")).code == 0
     assert json.loads((out / "tlora_metadata.json").read_text())["allocation"]["budget_rank"] == 4
     no_debris(tmp_path)
+
+
+@pytest.mark.parametrize("extra", ["README.md", "checkpoint-100/optimizer.pt", "covariances/notes.txt"])
+def test_overwrite_keeps_files_tlora_did_not_write(run_cli, model, data, calibration, tmp_path, extra):
+    """An adapter a trainer saved into (README.md, checkpoints) or a calibration with the user's notes is
+    not wholly tlora's: --overwrite would delete what the user added, so it is refused."""
+    out = tmp_path / "adapter"
+    assert run_cli(*init_args(model, data, out)).code == 0
+    target = calibration if extra.startswith("covariances") else out
+    (target / extra).parent.mkdir(parents=True, exist_ok=True)
+    (target / extra).write_text("the user's")
+    before = snapshot(tmp_path)
+    if target is out:
+        one_line(run_cli(*init_args(model, data, out, "--overwrite")), 1, "tlora did not write")
+    else:
+        args = ["calibrate", "--model", model, "--data", data, *N_ARGS, "--overwrite", "-o", calibration]
+        one_line(run_cli(*args), 1, "tlora did not write")
+    assert snapshot(tmp_path) == before

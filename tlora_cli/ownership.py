@@ -16,6 +16,7 @@ from .errors import TloraError
 
 ADAPTER_FILES = ("tlora_metadata.json", "adapter_config.json", "adapter_model.safetensors")
 CALIBRATION_MANIFEST, CALIBRATION_FORMAT = "calibration.json", "tlora-calibration/1"
+CALIBRATION_SUBFOLDERS = ("covariances", "mean_gradients", "output_gradient_moments")
 PLAN_FORMAT = "tlora-plan/1"
 KINDS = {"adapter": "an adapter folder", "calibration": "a calibration folder", "plan": "a plan file"}
 _MAX_JSON = 64 << 20  # a manifest or plan larger than this is not one of ours
@@ -44,6 +45,22 @@ def written_by_tlora(path: Path, kind: str) -> bool:
         doc = _json_object(path)
         return doc is not None and doc.get("format") == PLAN_FORMAT
     raise ValueError(kind)
+
+
+def foreign_entry(path: Path, kind: str) -> str | None:
+    """The first file or folder in a tlora output folder that tlora does not write there (a README a
+    trainer saved, a checkpoint): replacing the folder would delete it."""
+    if kind == "plan" or not path.is_dir():
+        return None
+    allowed = set(ADAPTER_FILES) if kind == "adapter" else {CALIBRATION_MANIFEST, *CALIBRATION_SUBFOLDERS}
+    for entry in sorted(path.iterdir()):
+        if entry.name not in allowed or entry.is_symlink():
+            return entry.name
+        if entry.is_dir():
+            for inner in sorted(entry.iterdir()):
+                if inner.suffix != ".safetensors" or not inner.is_file() or inner.is_symlink():
+                    return f"{entry.name}/{inner.name}"
+    return None
 
 
 def _real(path: Path) -> Path:
@@ -91,11 +108,18 @@ def check_output(out: Path, kind: str, overwrite: bool, inputs: Iterable[tuple[s
         # Scratch space is no input to keep intact: OUT may lie inside --offload-dir.
         if real_out.is_relative_to(real_in) and real_in.is_dir() and flag != "--offload-dir":
             raise TloraError(f"-o {out} lies inside the {flag} input {path} of this run: write it elsewhere")
-    if (out.exists() or out.is_symlink()) and overwrite and not written_by_tlora(out, kind):
-        raise TloraError(
-            f"{out} is not {KINDS[kind]} written by tlora: --overwrite replaces only tlora's own outputs; "
-            "move it away yourself or choose another -o"
-        )
+    if (out.exists() or out.is_symlink()) and overwrite:
+        if not written_by_tlora(out, kind):
+            raise TloraError(
+                f"{out} is not {KINDS[kind]} written by tlora: --overwrite replaces only tlora's own outputs; "
+                "move it away yourself or choose another -o"
+            )
+        foreign = foreign_entry(out, kind)
+        if foreign is not None:
+            raise TloraError(
+                f"{out} holds {foreign}, which tlora did not write there: --overwrite would delete it; "
+                "move it away yourself or choose another -o"
+            )
 
 
 def run_inputs(
