@@ -14,7 +14,9 @@ Each A is compared with the float64 SVD of the same product: the similarity tr(P
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,17 +59,23 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
-def smollm2(cache: Path, num_samples: int, seq_len: int) -> tuple[list[list[object]], list[str]]:
-    import subprocess
-
-    calib, adapter = cache / "calibration", cache / "adapter"
-    command = [tlora_script(), "calibrate", "--num-samples", str(num_samples), "--seq-len", str(seq_len)]
-    command += ["--device", "cpu", "--quiet", "--overwrite", "-o", str(calib)]
-    subprocess.run(command, check=True)
-    init = [tlora_script(), "init", "--calibration", str(calib), "--budget-rank", "8", "--device", "cpu"]
+def smollm2(
+    cache: Path, num_samples: int, seq_len: int, calib: Path | None
+) -> tuple[list[list[object]], list[str], str]:
+    """Every module at its rank; `calib` reuses a calibration of the built-in model (any centring)."""
+    commands = []
+    if calib is None:
+        calib = cache / "calibration"
+        command = [tlora_script(), "calibrate", "--num-samples", str(num_samples), "--seq-len", str(seq_len)]
+        command += ["--device", "cpu", "--quiet", "--overwrite", "-o", str(calib)]
+        subprocess.run(command, check=True)
+        commands.append(" ".join(["tlora", *command[1:]]))
+    center = "--center" if load_calibration(calib).settings.get("center") else "--no-center"
+    adapter = cache / "adapter"
+    init = [tlora_script(), "init", "--calibration", str(calib), center, "--budget-rank", "8", "--device", "cpu"]
     init += ["--quiet", "--overwrite", "-o", str(adapter)]
     subprocess.run(init, check=True)
-    import json
+    commands.append(" ".join(["tlora", *init[1:]]))
 
     ranks = {m["name"]: m["rank"] for m in json.loads((adapter / "tlora_metadata.json").read_text())["modules"]}
     stats = load_calibration(calib).stats
@@ -86,13 +94,14 @@ def smollm2(cache: Path, num_samples: int, seq_len: int) -> tuple[list[list[obje
         old_sim.append(similarity(old, reference))
         new_sim.append(similarity(new, reference))
     n = len(old_sim)
+    case = f"SmolLM2-135M, {n} modules, {center}"
     rows = [
-        [f"SmolLM2-135M, {n} modules", "0.1: float32 product + float32 SVD", f"{old_s:.2f}", f"{min(old_sim):.6f}",
+        [case, "0.1: float32 product + float32 SVD", f"{old_s:.2f}", f"{min(old_sim):.6f}",
          sum(s < 0.9999 for s in old_sim), f"{statistics.median(old_sim):.8f}"],
-        [f"SmolLM2-135M, {n} modules", "now: float64 product + float64 SVD", f"{new_s:.2f}", f"{min(new_sim):.6f}",
+        [case, "now: float64 product + float64 SVD", f"{new_s:.2f}", f"{min(new_sim):.6f}",
          sum(s < 0.9999 for s in new_sim), f"{statistics.median(new_sim):.8f}"],
     ]  # fmt: skip
-    return rows, [" ".join(["tlora", *command[1:]]), " ".join(["tlora", *init[1:]])]
+    return rows, commands, center
 
 
 def llama_down_proj(ranks: list[int]) -> list[list[object]]:
@@ -128,13 +137,19 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--calibration", type=Path, nargs="*", default=[], help="Reuse these calibrations.")
+    parser.add_argument("--skip-7b", action="store_true", help="Only the SmolLM2 modules.")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS-speed.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     load = load_average()
+    small, commands = [], []
     with tempfile.TemporaryDirectory(prefix="tlora-factorisation-") as folder:
-        small, commands = smollm2(Path(folder), args.num_samples, args.seq_len)
-    large = llama_down_proj(args.ranks)
+        for calib in args.calibration or [None]:
+            rows, run, _ = smollm2(Path(folder), args.num_samples, args.seq_len, calib)
+            small += rows
+            commands += run
+    large = [] if args.skip_7b else llama_down_proj(args.ranks)
     append_results(
         args.results,
         "Factorisation: float32 (0.1) against float64-exact (now), CPU, 2 threads",
@@ -142,7 +157,7 @@ def main() -> None:
             markdown_table(
                 ["case", "how", "seconds", "smallest similarity", "modules < 0.9999", "median similarity"], small
             ),
-            markdown_table(["case", "how", "seconds", "similarity to the float64 SVD"], large),
+            *([markdown_table(["case", "how", "seconds", "similarity to the float64 SVD"], large)] if large else []),
         ],
         commands,
         f"Load average at the start: {load:.2f}. Similarity: tr(P_A P_ref)/r against a float64 SVD of the same "

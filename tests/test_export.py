@@ -327,3 +327,29 @@ def test_merging_into_another_model_warns(trained, run_cli, tmp_path):
     result = run_cli("export", adapter, "-o", tmp_path / "merged", "--format", "merged", "--model", other)
     assert result.code == 0, result.stderr
     assert "not the model this adapter was calibrated on" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "merged"])
+def test_overwrite_replaces_an_earlier_export_but_never_an_input_or_a_user_folder(fmt, trained, run_cli, tmp_path):
+    model_dir, adapter = trained
+    out = tmp_path / "export"
+    args = ["export", adapter, "--format", fmt, "-q"]
+    if fmt == "merged":
+        args += ["--model", model_dir]
+    assert run_cli(*args, "-o", out).code == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    result = run_cli(*args, "-o", out, "--overwrite")  # tlora's own export, its card included
+    assert result.code == 0, result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}.keys() == first.keys()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = run_cli(*args, "-o", mine, "--overwrite")
+    assert result.code == 1 and "not" in result.stderr and (mine / "notes.txt").read_text() == "keep me"
+    before = {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()}
+    result = run_cli(*args, "-o", adapter / "inside")
+    assert result.code == 1 and "inside" in result.stderr
+    if fmt == "merged":
+        result = run_cli(*args, "-o", model_dir, "--overwrite")
+        assert result.code == 1 and "--model" in result.stderr
+    assert {p: p.read_bytes() for p in adapter.rglob("*") if p.is_file()} == before

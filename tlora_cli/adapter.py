@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -54,6 +55,39 @@ def adapter_tensors(
     return tensors
 
 
+def check_allocations_finite(allocations: list[ModuleAllocation], where: str = "the allocation") -> None:
+    """Every score, share, alpha and scaling a finite number, or one line naming the module and the flag."""
+    for a in allocations:
+        for field, value in (("score", a.score), ("share", a.share)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise TloraError(
+                    f"{where} gives {a.name} the {field} {value!r}, which is not a finite number: "
+                    "recalibrate (or fix the plan's scores)"
+                )
+        if a.rank and not (math.isfinite(a.alpha) and math.isfinite(a.scaling) and a.alpha > 0):
+            raise TloraError(
+                f"{where} gives {a.name} alpha {a.alpha!r} (scaling {a.scaling!r}), which is not a finite positive "
+                "number: lower --alpha (or the plan's alpha)"
+            )
+
+
+def check_finite(
+    allocations: list[ModuleAllocation], a_matrices: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+) -> None:
+    """The gate before anything is written: a NaN or inf anywhere makes PEFT output NaN."""
+    check_allocations_finite(allocations)
+    for a in allocations:
+        if not a.rank:
+            continue
+        if not bool(torch.isfinite(a_matrices[a.name]).all()):
+            raise TloraError(
+                f"the A matrix of {a.name} holds NaN or inf values: change --damping, --lora-da-beta or "
+                "--lora-da-population (lora-da), or recalibrate"
+            )
+        if not bool(torch.isfinite(tensors[f"base_model.model.{a.name}.lora_A.weight"]).all()):
+            raise TloraError(f"the A matrix of {a.name} overflows the adapter's dtype: pass --dtype float32")
+
+
 def write_adapter(
     folder: Path,
     allocations: list[ModuleAllocation],
@@ -62,10 +96,16 @@ def write_adapter(
     base_model: str,
 ) -> None:
     """Deterministic bytes: same inputs, same files (sorted keys, no timestamps in the adapter)."""
-    save_file(adapter_tensors(allocations, a_matrices, dtype), folder / WEIGHTS, metadata={"format": "pt"})
+    tensors = adapter_tensors(allocations, a_matrices, dtype)
+    check_finite(allocations, a_matrices, tensors)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     config = adapter_config(allocations, base_model)
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_metadata(folder: Path, metadata: dict) -> None:
-    (folder / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+    try:
+        text = json.dumps(metadata, indent=2, allow_nan=False)
+    except ValueError as e:  # a NaN or inf that no gate before caught: refuse rather than write invalid JSON
+        raise TloraError(f"the adapter's metadata holds a number that is not finite ({e}): recalibrate") from e
+    (folder / METADATA).write_text(text + "\n")

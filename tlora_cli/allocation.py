@@ -215,3 +215,12 @@ def allocate_released(
         a = max(alpha, round(n * alpha * p))
         out.append(ModuleAllocation(name, o, i, float(s), p, r, a * r / rank if r else 0.0))
     return out
+
+
+def check_uniform_min_rank(rank_allocation: bool, budget_rank: int, min_rank: int) -> None:
+    """Without rank allocation every module gets r_init: a --min-rank above it cannot hold, so say so."""
+    if not rank_allocation and min_rank > budget_rank:
+        raise TloraError(
+            f"--min-rank {min_rank} is above --budget-rank {budget_rank}, which every module gets without rank "
+            "allocation (--uniform, --no-rank-allocation): lower --min-rank or raise --budget-rank"
+        )

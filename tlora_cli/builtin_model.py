@@ -7,13 +7,14 @@ ever sees plain model folders.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import TloraError
@@ -57,31 +58,81 @@ def builtin_model_path(progress: Callable[[str], None] | None = None) -> Path:
     target = cache_root() / BUILTIN_MODEL_NAME
     if _is_complete(target):
         return target
+    _check_not_foreign(target)
     source = gguf_folder()
     if progress is not None:
         progress(f"converting the built-in {BUILTIN_MODEL_NAME} once, into {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Beside the target, so the final rename stays on one file system and is atomic.
-    scratch = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}-", dir=target.parent))
     try:
-        start = time.perf_counter()
-        _convert(source, scratch)
-        marker = {"source": GGUF_FILE, "seconds": round(time.perf_counter() - start, 1)}
-        (scratch / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
-        if target.exists() and not _is_complete(target):
-            shutil.rmtree(target)  # left by something other than this function: never trusted
-        try:
-            scratch.rename(target)
-        except OSError:
-            if not _is_complete(target):  # not a concurrent conversion that finished first
-                raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Beside the target, so the final rename stays on one file system and is atomic.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}-", dir=target.parent))
+    except OSError as e:
+        raise TloraError(
+            f"cannot convert the built-in model into {target.parent}: {e.strerror}; set TLORA_CACHE"
+        ) from e
+    from .output import _terminate_as_interrupt  # a SIGTERM during the conversion still removes the scratch
+
+    try:
+        with _terminate_as_interrupt():
+            start = time.perf_counter()
+            _convert(source, scratch)
+            marker = {"source": GGUF_FILE, "seconds": round(time.perf_counter() - start, 1)}
+            (scratch / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+            _check_not_foreign(target)  # appeared during the conversion: still not ours to delete
+            try:
+                scratch.rename(target)  # onto nothing, or onto an empty folder only
+            except OSError:
+                if not _is_complete(target):  # not a concurrent conversion that finished first
+                    raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
+def _check_not_foreign(target: Path) -> None:
+    """The cache deletes only what it created: anything else at the target's name is left alone."""
+    if (target.exists() or target.is_symlink()) and not _is_complete(target):
+        raise TloraError(
+            f"{target} exists but is not a finished tlora conversion (no {COMPLETE_MARKER}): "
+            "move it away, or set TLORA_CACHE to another folder"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or advice from transformers during the conversion: our one message says what happens.
+    The GGUF reader's bar is a plain tqdm, outside transformers' own switch, so it is switched off here."""
+    import functools
+
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def _convert(source: Path, out: Path) -> None:
     """Dequantise the GGUF and save it as a hub-style folder: bf16 shards, index, tokenizer, chat template."""
+    with _quiet_transformers():
+        _convert_loudly(source, out)
+
+
+def _convert_loudly(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .calib_check import check_files, check_manifest, check_tensor
 from .errors import TloraError
 from .statistics import Statistics
 from .targets import Target
@@ -56,8 +57,8 @@ class TensorFiles(Mapping):
         path = self.folder / f"{key}.safetensors"
         try:
             with safe_open(path, "pt") as f:
-                return f.get_tensor(self.field)
-        except (OSError, RuntimeError) as e:
+                return check_tensor(f.get_tensor(self.field), path)
+        except (OSError, RuntimeError, SafetensorError) as e:
             raise TloraError(f"cannot read {path}: {e}; recalibrate".splitlines()[0]) from e
 
     def __iter__(self) -> Iterator[str]:
@@ -133,6 +134,7 @@ def load_calibration(folder: Path) -> Calibration:
         raise TloraError(f"{folder} is not a calibration directory (no {MANIFEST}): make one with `tlora calibrate`")
     try:
         manifest = json.loads(path.read_text())
+        check_manifest(manifest, path)
         if manifest.get("format") != FORMAT:
             raise TloraError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: recalibrate")
         modules = manifest["modules"]
@@ -150,12 +152,13 @@ def load_calibration(folder: Path) -> Calibration:
             stats.mean_grads = _files(folder, "mean_grad", names)
             stats.output_grad_sq = _files(folder, "output_grad_sq", names)
         calibration = Calibration(stats, manifest["model"], manifest["data"], manifest["settings"], manifest["timings"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
         raise TloraError(f"{path} is damaged ({type(e).__name__}: {e}): recalibrate".splitlines()[0]) from e
     for files in (stats.covariances, stats.mean_grads, stats.output_grad_sq):
         missing = [k for k in files or () if not (files.folder / f"{k}.safetensors").is_file()]
         if missing:
             raise TloraError(f"calibration {folder} lacks {files.folder.name}/{missing[0]}: recalibrate")
+    check_files(folder, manifest)
     return calibration
 
 

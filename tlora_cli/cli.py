@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.markup import escape
 
 from . import __version__
 from .budget_plot import print_picture, write_plot
+from .calib_check import check_against_model
 from .calibration import load_calibration, save_calibration
 from .data import (
     DataOptions,
@@ -25,11 +27,12 @@ from .data import (
     show_samples,
 )
 from .errors import TloraError, disk_full
-from .export import export, follow_umask
+from .export import export
 from .hub_upload import push_folder
 from .model_card import command_line
 from .model_io import load_tokenizer, resolve_model
-from .output import atomic_dir, atomic_file
+from .output import COMMITTED, atomic_dir, atomic_file
+from .ownership import run_inputs
 from .pipeline import (
     RELEASED_NUM_SAMPLES,
     AllocationOptions,
@@ -120,7 +123,19 @@ OffloadDir = Annotated[
     typer.Option(help="Keep layer inputs, gradients and covariances in files here instead of host memory."),
 ]
 BudgetRank = Annotated[int | None, typer.Option(help="r_init: the budget is L * r_init ranks. Default 8.")]
-Alpha = Annotated[float | None, typer.Option(help="LoRA alpha per module; alpha_total = L * alpha. Default: r_init.")]
+
+
+def _finite(value: float | None) -> float | None:
+    """NaN and inf parse as floats; as an alpha or a hyper-parameter they would reach the adapter."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+Alpha = Annotated[
+    float | None,
+    typer.Option(help="LoRA alpha per module; alpha_total = L * alpha. Default: r_init.", callback=_finite),
+]
 MinRank = Annotated[
     int | None, typer.Option(help="Smallest rank a module may get (0 lets a module go without adapter).")
 ]
@@ -136,8 +151,12 @@ Method = Annotated[
         "lora-da (LoRA-DA's Fisher-aware subspace, docs/lora-da.md)."
     ),
 ]
-Damping = Annotated[float, typer.Option(help="theory, lora-da: damping added to C (and to the Fisher diagonal).")]
-LoraDaBeta = Annotated[float, typer.Option(help="lora-da: weight of the variance term (released config: 0.03).")]
+Damping = Annotated[
+    float, typer.Option(help="theory, lora-da: damping added to C (and to the Fisher diagonal).", callback=_finite)
+]
+LoraDaBeta = Annotated[
+    float, typer.Option(help="lora-da: weight of the variance term (released config: 0.03).", callback=_finite)
+]
 LoraDaPopulation = Annotated[int, typer.Option(help="lora-da: N, the number of fine-tuning examples.")]
 Gradients = Annotated[
     bool, typer.Option("--gradients", help="Also save the gradient statistics that `--method lora-da` needs.")
@@ -256,7 +275,7 @@ def calibrate_command(
         device, dtype, seed, engine, offload_dir, gradients,
     )  # fmt: skip
     options.check()
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, "calibration", run_inputs(model, data, offload_dir=offload_dir)) as tmp:
         source = ModelSource.open(model, revision)
         calibration, _ = calibrate(source, data_options, options, reporter, stats_dir=tmp)
         save_calibration(calibration, tmp)
@@ -281,7 +300,7 @@ def allocate_command(
     options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation, recipe)
     calibration = load_calibration(calibration_dir)
     allocations = allocate_modules(calibration.stats, options)
-    with atomic_file(out, overwrite) as tmp:
+    with atomic_file(out, overwrite, "plan", run_inputs(calibration=calibration_dir, builtin_model=False)) as tmp:
         write_plan(tmp, allocations, allocation_settings(options, len(allocations)), calibration.model["fingerprint"])
     reporter = Reporter(quiet)
     warning = rank_warning(calibration.stats.num_tokens, max(a.rank for a in allocations))
@@ -359,11 +378,13 @@ def init_command(
     )  # fmt: skip
     calib_options.check()
     reporter = Reporter(quiet)
-    with atomic_dir(out, overwrite) as tmp, stats_scratch(offload_dir) as stats_dir:
+    inputs = run_inputs(model, data, calibration_dir, plan, offload_dir)
+    with atomic_dir(out, overwrite, "adapter", inputs) as tmp, stats_scratch(offload_dir) as stats_dir:
         if calibration_dir:
             calibration = load_calibration(calibration_dir)
             source = ModelSource.open(model or calibration.model["name"], revision)
             calibration.check_model(source.checkpoint.fingerprint, str(calibration_dir))
+            check_against_model(calibration, source.checkpoint, str(calibration_dir))
             check_calibration(calibration, init, calib_options.center, center is not None, str(calibration_dir))
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
@@ -375,7 +396,6 @@ def init_command(
             allocations = allocate_modules(calibration.stats, options)
             settings = allocation_settings(options, len(allocations))
         initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter, out.name)
-        follow_umask(tmp)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
     _push(out, push_to_hub, private, create_pr, reporter)
 
@@ -509,22 +529,46 @@ def quiet_libraries() -> None:
     logging.disable_progress_bar()
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes: Typer >= 0.24 raises those of its own vendored copy."""
+    import click
+
+    errors: list[type] = [click.exceptions.ClickException]
+    aborts: list[type] = [click.exceptions.Abort]
+    try:
+        from typer._click import exceptions as vendored
+
+        errors.append(vendored.ClickException)
+        aborts.append(vendored.Abort)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(errors), tuple(aborts)
+
+
+def _interrupted_message() -> str:
+    """An interrupt after an output was put in place must not say that nothing was written."""
+    if COMMITTED:
+        return f"interrupted: {COMMITTED[-1]} had already been written in full"
+    return "interrupted: nothing was written"
+
+
 def main() -> None:
     """Entry point: one line per error, never a traceback (TLORA_DEBUG=1 shows it)."""
     err = Console(stderr=True, highlight=False)
     quiet_libraries()
+    COMMITTED.clear()  # per run: an interrupt says whether this run's output was already in place
     try:
         code = app(standalone_mode=False)
     except TloraError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        click_error, abort = _click_exceptions()
+        if isinstance(e, click_error):  # usage errors: Click's own message (with "Did you mean"), exit 2
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, abort):
+            err.print(_interrupted_message(), soft_wrap=True)
             sys.exit(130)
         if os.environ.get("TLORA_DEBUG"):
             raise
@@ -539,5 +583,5 @@ def main() -> None:
         err.print("rerun with TLORA_DEBUG=1 for the traceback and report it")
         sys.exit(3)
     if code == 130:  # Typer turns Ctrl-C (and our SIGTERM) into exit code 130
-        err.print("interrupted: nothing was written")
+        err.print(_interrupted_message(), soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable
@@ -284,17 +283,6 @@ def _shape(file: Path, key: str) -> list[int]:
         return list(f.get_slice(key).get_shape())
 
 
-def follow_umask(folder: Path) -> None:
-    """Modes as `mkdir` and `open` would give under the umask: mkdtemp makes its folder 0700, and safetensors'
-    writer its files 0600. For the folder and the files directly in it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for item in folder.iterdir():
-        if item.is_file() and not item.is_symlink():
-            item.chmod(0o666 & ~umask)
-
-
 def merged_base(adapter: Path, config: dict, model: str | None, revision: str | None) -> tuple[Path, str | None]:
     """The base model folder a merge reads, and its hub id: --model; else the folder tlora calibrated on (its
     metadata); else `base_model_name_or_path` (the built-in model's hub id means the built-in copy)."""
@@ -342,6 +330,7 @@ def export(
     """`tlora export`: write OUT whole or not at all (output.atomic_dir), with a model card."""
     from .model_card import CARD, merged_card, write_card
     from .output import atomic_dir
+    from .ownership import run_inputs
 
     if fmt not in FORMATS:
         raise TloraError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -353,7 +342,8 @@ def export(
         raise TloraError(f"-o {out} is the adapter itself: write the export to another folder")
     lora = read_lora(adapter)  # refuse before a base model is resolved or downloaded
     warnings: list[str] = []
-    with atomic_dir(out, overwrite) as tmp:
+    inputs = (("ADAPTER", adapter), *run_inputs(model, builtin_model=fmt == "merged" and model is None))
+    with atomic_dir(out, overwrite, "merged" if fmt == "merged" else "adapter", inputs) as tmp:
         if fmt == "merged":
             base, hub_id = merged_base(adapter, lora[0], model, revision)
             _, modules = write_merged(adapter, base, tmp, on_shard, lora)
@@ -382,5 +372,4 @@ def export(
                     ]
             else:
                 hints = [f"every module has rank {top}, scaling 1 (lora_alpha = r = {top}) and no patterns"]
-        follow_umask(tmp)
     return ExportResult(fmt, len(modules), top, hints, warnings)

@@ -87,6 +87,17 @@ def front_matter(
     return "\n".join(lines) + "\n"
 
 
+def is_tlora_card(path: Path) -> bool:
+    """A README.md tlora wrote: its front matter (front_matter above) tags it "tlora"; a trainer's card is not."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+            return False
+        front = path.read_text(errors="replace").split("\n---", 1)[0]
+    except OSError:
+        return False
+    return front.startswith("---\n") and f"\n- {_yaml('tlora')}\n" in front + "\n"
+
+
 def _read(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())

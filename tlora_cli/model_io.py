@@ -30,7 +30,9 @@ def resolve_model(model: str | None, revision: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise TloraError(f"model folder {path} has no config.json: point --model at a Hugging Face model folder")
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+    if path.exists():
+        raise TloraError(f"--model {model} is a file, not a model folder: pass the folder that holds config.json")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise TloraError(f"model folder {model} does not exist: pass a local model folder or a hub id like org/name")
     return _download(model, revision)
 
@@ -45,8 +47,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
+    from .hub_probe import offline_when_unreachable
+
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        with offline_when_unreachable():
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except GatedRepoError as e:
         raise TloraError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
     except RevisionNotFoundError as e:
@@ -68,9 +73,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 def read_config(path: Path) -> dict:
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise TloraError(f"cannot read {path / 'config.json'}: {e}".splitlines()[0]) from e
+    if not isinstance(config, dict):
+        raise TloraError(f"{path / 'config.json'} holds a {type(config).__name__}, not a JSON object: re-download it")
+    return config
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype:
@@ -99,8 +107,14 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as e:
+                if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map maps names to shard file names")
+            except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
                 raise TloraError(f"{index} is damaged ({type(e).__name__}): re-download the model") from e
+            # Names, not resolved paths: a hub snapshot's files are links into its blob store.
+            outside = [f for f in weight_map.values() if Path(f).is_absolute() or ".." in Path(f).parts]
+            if outside:
+                raise TloraError(f"{index} names a shard outside the model folder ({outside[0]}): re-download it")
             self.files = {name: path / file for name, file in weight_map.items()}
         elif (path / "model.safetensors").is_file():
             with open_shard(path / "model.safetensors") as f:
@@ -117,9 +131,19 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.files)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, shape: torch.Size | None = None) -> torch.Tensor:
+        """One tensor; with `shape`, a one-line error when the checkpoint's differs (config.json disagrees)."""
         with open_shard(self.files[name]) as f:
-            return f.get_tensor(name)
+            try:
+                tensor = f.get_tensor(name)
+            except (SafetensorError, RuntimeError) as e:
+                raise TloraError(f"cannot read {name} from {self.files[name]}: {e}".splitlines()[0]) from e
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise TloraError(
+                f"the checkpoint's {name} has shape {list(tensor.shape)}, but config.json makes it {list(shape)}: "
+                "the weights and config.json do not belong together"
+            )
+        return tensor
 
     def first_rows(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The first row of every tensor, grouped by file so each shard is opened once."""
@@ -155,7 +179,11 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # tokenizers fail in many ways; the user needs one line
-        raise TloraError(f"cannot load the tokenizer from {path}: {e}".splitlines()[0]) from e
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TloraError(
+            f"cannot load the tokenizer from {path} ({reason}): the model folder needs its tokenizer files "
+            "(tokenizer.json or tokenizer.model, tokenizer_config.json); copy them from the base model"
+        ) from e
 
 
 def load_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -163,11 +191,25 @@ def load_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, report = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as e:  # corrupt shards, unknown architectures, missing files
         raise TloraError(f"cannot load the model from {path}: {e}".splitlines()[0]) from e
+    check_load_report(report, path)
     model.requires_grad_(False)
     return model.to(device).eval()
+
+
+def check_load_report(report: dict, path: Path) -> None:
+    """transformers fills a tensor missing from the checkpoint with random numbers: a different adapter on
+    every run. Missing or mismatched tensors are an error instead."""
+    for kind, advice in (("missing_keys", "is missing"), ("mismatched_keys", "has the wrong shape")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(kind) or ())
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise TloraError(
+                f"the checkpoint in {path}: tensor {keys[0]}{more} {advice}, and transformers would fill it "
+                "with random numbers: re-download or re-save the model"
+            )
 
 
 def pick_device(device: str | None) -> str:

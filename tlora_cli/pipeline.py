@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .adapter import write_adapter, write_metadata
-from .allocation import ModuleAllocation, allocate, allocate_released
+from .allocation import ModuleAllocation, allocate, allocate_released, check_uniform_min_rank
 from .calibration import Calibration
 from .data import DataOptions, load_calibration_set, rank_warning
 from .errors import TloraError
@@ -98,6 +98,7 @@ class AllocationOptions:
                 "--no-rank-allocation and --no-alpha-allocation"
             )
         allocate(["x"], [(self.budget_rank, self.budget_rank)], [1.0], self.budget_rank, self.alpha, self.min_rank)
+        check_uniform_min_rank(self.rank_allocation, self.budget_rank, self.min_rank)
 
 
 METHODS = ("tlora", "w-svd", "random", "theory", "lora-da")

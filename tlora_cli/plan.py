@@ -29,17 +29,28 @@ def plan_document(allocations: list[ModuleAllocation], settings: dict, fingerpri
 
 
 def write_plan(path: Path, allocations: list[ModuleAllocation], settings: dict, fingerprint: str) -> None:
-    path.write_text(json.dumps(plan_document(allocations, settings, fingerprint), indent=2) + "\n")
+    from .adapter import check_allocations_finite
+
+    check_allocations_finite(allocations)
+    try:
+        text = json.dumps(plan_document(allocations, settings, fingerprint), indent=2, allow_nan=False)
+    except ValueError as e:
+        raise TloraError(f"the plan holds a number that is not finite ({e}): lower --alpha or recalibrate") from e
+    path.write_text(text + "\n")
 
 
 def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list[ModuleAllocation], dict]:
     """Read a (possibly hand-edited) plan; only name, rank and alpha are taken from each module."""
+    if not path.is_file():
+        raise TloraError(f"plan {path} is not a file: pass the JSON file `tlora allocate` wrote")
     try:
         doc = json.loads(path.read_text())
     except OSError as e:
         raise TloraError(f"cannot read plan {path}: {e.strerror}") from e
     except json.JSONDecodeError as e:
         raise TloraError(f"plan {path} is not valid JSON (line {e.lineno}): fix it or rerun `tlora allocate`") from e
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise TloraError(f"plan {path} is not a readable JSON text: fix it or rerun `tlora allocate`") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("modules"), list):
         raise TloraError(f"{path} is not a tlora plan (format {FORMAT}): make one with `tlora allocate`")
     if doc.get("model_fingerprint") != fingerprint:
@@ -57,16 +68,19 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
             raise TloraError(f"plan {path}: {t.name} has rank {rank!r}; it must be an integer in [0, {min(t.shape)}]")
         if rank and not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
             raise TloraError(f"plan {path}: {t.name} has alpha {alpha!r}; it must be a positive number")
-        out.append(
-            ModuleAllocation(
-                t.name,
-                *t.shape,
-                float(m.get("score", 0.0)),
-                float(m.get("share", 0.0)),
-                rank,
-                float(alpha) if rank else 0.0,
-            )
-        )
+        score, share = _finite_field(m, "score", path, t.name), _finite_field(m, "share", path, t.name)
+        out.append(ModuleAllocation(t.name, *t.shape, score, share, rank, float(alpha) if rank else 0.0))
     if not any(a.rank for a in out):
         raise TloraError(f"plan {path} gives every module rank 0: nothing to initialise")
-    return out, doc.get("settings", {})
+    settings = doc.get("settings", {})
+    if not isinstance(settings, dict):
+        raise TloraError(f'plan {path}: "settings" is not a JSON object; rerun `tlora allocate`')
+    return out, settings
+
+
+def _finite_field(module: dict, field: str, path: Path, name: str) -> float:
+    """A plan's score or share: absent (0) or a finite number; anything else would reach the metadata."""
+    value = module.get(field, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TloraError(f"plan {path}: {name} has {field} {value!r}; it must be a finite number")
+    return float(value)

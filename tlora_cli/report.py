@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .adapter import CONFIG, METADATA, WEIGHTS
 from .errors import TloraError
@@ -26,9 +26,14 @@ def _natural(name: str) -> list:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
+    if not isinstance(doc, dict):
+        raise TloraError(
+            f"{path} holds a {type(doc).__name__}, not a JSON object: rewrite the adapter with `tlora init`"
+        )
+    return doc
 
 
 def _shapes(path: Path) -> dict[str, dict[str, list[int]]]:
@@ -41,13 +46,24 @@ def _shapes(path: Path) -> dict[str, dict[str, list[int]]]:
                 if not m:
                     raise TloraError(f"{path} holds {key}, which is not a LoRA A/B weight of a PEFT adapter")
                 shapes[m["name"]][m["part"]] = list(f.get_slice(key).get_shape())
-    except (OSError, RuntimeError) as e:  # safetensors raises its own error types on bad files
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors raises its own error types on bad files
         raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
     return shapes
 
 
 def summarise(folder: Path) -> dict:
     """The adapter as numbers: per module, totals, uniform LoRA at the same r, budget per layer and type."""
+    try:
+        return _summarise(folder)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError) as e:
+        # A hand-edited config or metadata of the wrong shape: say which folder, not where in our code.
+        raise TloraError(
+            f"{folder}: {CONFIG} or {METADATA} does not have the shape tlora writes ({type(e).__name__}: {e}); "
+            "rewrite the adapter with `tlora init`".splitlines()[0]
+        ) from e
+
+
+def _summarise(folder: Path) -> dict:
     if not folder.is_dir():
         raise TloraError(f"{folder} is not a folder: pass an adapter directory written by `tlora init`")
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():

@@ -167,7 +167,7 @@ class StreamedModel:
                     f"the checkpoint has no tensor {name}: it does not match its config.json, or stores weights "
                     "in a layout the streaming engine cannot read (try --engine whole)"
                 )
-            value = self.checkpoint.get(self.key_of[name]).to(self.device, self.dtype)
+            value = self.checkpoint.get(self.key_of[name], param.shape).to(self.device, self.dtype)
             module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
         for bname, buf in module._buffers.items():
             if buf is not None:

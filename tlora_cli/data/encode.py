@@ -38,10 +38,12 @@ def encode_sample(
                 f"{where} is plain text, but a chat template needs a user turn and an assistant turn; "
                 "drop --chat-template, or give prompt/response samples"
             )
-        ids = _ids(tokenizer, sample.text, add_special_tokens=True)
+        ids = _ids(tokenizer, sample.text, add_special_tokens=True, limit=seq_len)
         encoded = EncodedSample(ids[:seq_len], ids[:seq_len], truncated=len(ids) > seq_len)
     else:
-        prompt, response = _chat_pair(tokenizer, sample, where) if chat_template else _plain_pair(tokenizer, sample)
+        prompt, response = (
+            _chat_pair(tokenizer, sample, where) if chat_template else _plain_pair(tokenizer, sample, seq_len)
+        )
         truncated = len(prompt) + len(response) > seq_len
         if truncated:
             response = response[: seq_len - min(1, len(prompt))]
@@ -56,14 +58,14 @@ def encode_sample(
     return encoded
 
 
-def _plain_pair(tokenizer: Any, sample: Sample) -> tuple[list[int], list[int]]:
+def _plain_pair(tokenizer: Any, sample: Sample, seq_len: int | None = None) -> tuple[list[int], list[int]]:
     if tokenizer.eos_token_id is None:
         raise TloraError(
             "the tokenizer has no EOS token, which ends every prompt/response sample; "
             "use a tokenizer that defines eos_token, or give plain 'text' samples"
         )
-    prompt = _ids(tokenizer, sample.prompt, add_special_tokens=True)
-    return prompt, [*_ids(tokenizer, sample.response, add_special_tokens=False), tokenizer.eos_token_id]
+    prompt = _ids(tokenizer, sample.prompt, add_special_tokens=True, limit=seq_len)
+    return prompt, [*_ids(tokenizer, sample.response, add_special_tokens=False, limit=seq_len), tokenizer.eos_token_id]
 
 
 def _chat_pair(tokenizer: Any, sample: Sample, where: str) -> tuple[list[int], list[int]]:
@@ -92,6 +94,26 @@ def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], where: str, **kwar
         raise TloraError(f"{where}: the tokenizer's chat template failed ({e}); drop --chat-template") from None
 
 
-def _ids(tokenizer: Any, text: str | None, add_special_tokens: bool) -> list[int]:
+# Characters tokenized per token still needed, at first: a token rarely spans more than a few characters.
+_CHARS_PER_TOKEN = 16
+# Tokens past the limit a prefix must give before its first `limit` are trusted: cutting the text can change
+# only the tokens at the cut.
+_MARGIN = 32
+
+
+def _ids(tokenizer: Any, text: str | None, add_special_tokens: bool, limit: int | None = None) -> list[int]:
+    """The token ids of `text`; with `limit`, only as many as needed to know the first `limit` and whether
+    there are more (limit + 1 of them at most): a 17 MB line is never tokenized whole for 64 tokens."""
+    if text is not None and limit is not None:
+        chars = max(4096, _CHARS_PER_TOKEN * (limit + _MARGIN))
+        while chars < len(text):
+            ids = _all_ids(tokenizer, text[:chars], add_special_tokens)
+            if len(ids) > limit + _MARGIN:
+                return ids[: limit + 1]
+            chars *= 4
+    return _all_ids(tokenizer, text, add_special_tokens)
+
+
+def _all_ids(tokenizer: Any, text: str | None, add_special_tokens: bool) -> list[int]:
     # verbose=False: we truncate ourselves, so the "longer than model_max_length" warning is noise.
     return list(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])

@@ -49,6 +49,8 @@ def file_format(name: str) -> tuple[str, bool]:
 
 
 def read_bytes(path: Path) -> bytes:
+    if path.exists() and not path.is_dir() and not path.is_file():  # a device or a pipe may never end
+        raise TloraError(f"{path}: not a regular file (a device, pipe or socket); pass a data file")
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -176,6 +178,8 @@ def _jsonl_records(text: str, name: str) -> list[Record]:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             raise TloraError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); fix the line") from None
+        except RecursionError:
+            raise TloraError(f"{where}: JSON nested too deeply to be a record; fix the line") from None
     return records
 
 
@@ -184,6 +188,8 @@ def _json_records(text: str, name: str) -> list[Record]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TloraError(f"{name}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix it") from None
+    except RecursionError:
+        raise TloraError(f"{name}: JSON nested too deeply to hold records; fix it") from None
     if isinstance(data, dict):
         key = next((k for k in ("data", "train") if isinstance(data.get(k), list)), None)
         if key is None:

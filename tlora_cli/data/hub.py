@@ -7,6 +7,7 @@ is read as a local folder: `datasets` does not look there by itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,13 @@ def open_split(path: str, configs: Sequence[str | None], split: str, streaming: 
     """
     import datasets
 
-    parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
-    for config in configs[1:]:  # read alike: the first config decided whether to stream
-        parts.append(_open_one(path, config, split, parts[0].streaming, label))
+    from ..hub_probe import offline_when_unreachable
+
+    local = Path(path).exists()
+    with contextlib.nullcontext(False) if local else offline_when_unreachable():
+        parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
+        for config in configs[1:]:  # read alike: the first config decided whether to stream
+            parts.append(_open_one(path, config, split, parts[0].streaming, label))
     if len(parts) == 1:
         return parts[0]
     counts = [part.num_rows for part in parts]

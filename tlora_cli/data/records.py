@@ -128,12 +128,16 @@ def template_fields(template: str) -> list[str]:
             "and literal braces as {{ and }}"
         ) from None
     names = []
-    for _, field, _, _ in parsed:
+    for _, field, spec, _ in parsed:
         if field is None:
             continue
         name = field.split(".", 1)[0].split("[", 1)[0]
         if not name or name.isdigit():
             raise TloraError(f"the template {template!r} has a positional field {{{field}}}; name a record field")
+        if name != field or "{" in (spec or ""):  # templates read fields, never attributes or items of them
+            raise TloraError(
+                f"the template {template!r} has {{{field}}}; a template may only name fields, as {{{name}}}"
+            )
         names.append(name)
     return names
 

@@ -58,6 +58,8 @@ class DataOptions:
             "--template": self.template,
             "--streaming/--no-streaming": self.streaming,
         }
+        if self.data is not None and not self.data.strip():
+            raise TloraError("--data is empty: give a file, a folder, a dataset name or a hub id (or drop --data)")
         given = [flag for flag, value in reading.items() if value is not None]
         if self.data is None and given:
             raise TloraError(f"{', '.join(given)} say how to read --data; give --data too, or drop them")

@@ -1,0 +1,132 @@
+"""A calibration folder checked against itself and against the model before anything is computed from it.
+
+A hand-edited or damaged folder must end in one line, never in an adapter PEFT cannot load, a plan with
+negative ranks, or a read outside the folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import TloraError
+
+# What a module name can hold (dots between parts); anything else could make a path leave the folder.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_LAYOUT = {  # kind -> (subfolder, tensor name, shape of one module's tensor from (out, in))
+    "covariance": ("covariances", "covariance", lambda out, inp: (inp, inp)),
+    "mean_grad": ("mean_gradients", "mean_grad", lambda out, inp: (out, inp)),
+    "output_grad_sq": ("output_gradient_moments", "output_grad_sq", lambda out, inp: (out,)),
+}
+
+
+def _damaged(path: Path, why: str) -> TloraError:
+    return TloraError(f"{path} is damaged: {why}: recalibrate with `tlora calibrate`")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_manifest(manifest: object, path: Path) -> None:
+    """The manifest's own structure: types, names that stay in the folder, positive shapes, finite scores."""
+    if not isinstance(manifest, dict):
+        raise _damaged(path, "it is not a JSON object")
+    if manifest.get("format") != "tlora-calibration/1":
+        raise TloraError(f"{path} has format {manifest.get('format')!r}, expected 'tlora-calibration/1': recalibrate")
+    for key, kind in (("model", dict), ("data", dict), ("settings", dict), ("modules", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise _damaged(path, f'"{key}" is missing or not a {"list" if kind is list else "JSON object"}')
+    if not isinstance(manifest.get("timings", {}), dict):
+        raise _damaged(path, '"timings" is not a JSON object')
+    model = manifest["model"]
+    for key in ("name", "fingerprint"):
+        if not isinstance(model.get(key), str) or not model[key]:
+            raise _damaged(path, f'the model has no "{key}"')
+    for key in ("num_samples", "num_tokens"):
+        if not _is_int(manifest.get(key)) or manifest[key] < 1:
+            raise _damaged(path, f'"{key}" is {manifest.get(key)!r}, not a positive integer')
+    modules = manifest["modules"]
+    if not modules:
+        raise _damaged(path, "it lists no modules")
+    names: set[str] = set()
+    for m in modules:
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise _damaged(path, "a module entry has no name")
+        name = m["name"]
+        if not _NAME.fullmatch(name) or ".." in name:
+            raise _damaged(path, f"module name {name!r} is not a module name")
+        if name in names:
+            raise _damaged(path, f"module {name} is listed twice")
+        names.add(name)
+        shape = m.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
+            raise _damaged(path, f"module {name} has shape {shape!r}, not two positive integers")
+        score = m.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) or score < 0:
+            raise _damaged(path, f"module {name} has score {score!r}, not a finite number >= 0")
+    for m in modules:
+        key = m.get("input")
+        if not isinstance(key, str) or key not in names:
+            raise _damaged(path, f"module {m['name']} reads input {key!r}, which is not one of its modules")
+        first = next(x for x in modules if x["name"] == key)
+        if first["shape"][1] != m["shape"][1]:
+            raise _damaged(path, f"modules {key} and {m['name']} share an input but not its width")
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every tensor file the manifest needs: inside the folder, the right tensor, the right shape."""
+    modules = manifest["modules"]
+    kinds = ["covariance"] + (["mean_grad", "output_grad_sq"] if manifest.get("gradients") else [])
+    root = folder.resolve()
+    for kind in kinds:
+        subfolder, field, shape_of = _LAYOUT[kind]
+        wanted = {}
+        for m in modules:
+            key = m["input"] if kind == "covariance" else m["name"]
+            wanted[key] = shape_of(*m["shape"])
+        for key, shape in wanted.items():
+            path = folder / subfolder / f"{key}.safetensors"
+            if not path.resolve().is_relative_to(root):
+                raise _damaged(folder / "calibration.json", f"{subfolder}/{key} leads outside the folder")
+            if not path.is_file():
+                raise TloraError(f"calibration {folder} lacks {subfolder}/{key}: recalibrate")
+            try:
+                with safe_open(path, "pt") as f:
+                    if field not in f.keys():  # noqa: SIM118
+                        raise _damaged(path, f"it holds no tensor {field!r}")
+                    got = tuple(f.get_slice(field).get_shape())
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise _damaged(path, str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+            if got != shape:
+                raise _damaged(path, f"{field} has shape {list(got)}, the manifest needs {list(shape)}")
+
+
+def check_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    """A statistic read from a calibration folder: finite, or one line."""
+    if not tensor.is_floating_point():
+        raise _damaged(path, f"it holds {str(tensor.dtype).removeprefix('torch.')} values, not floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise _damaged(path, "it holds NaN or inf values")
+    return tensor
+
+
+def check_against_model(calibration, checkpoint, where: str) -> None:
+    """The calibration's modules exist in --model's checkpoint with the shapes it recorded."""
+    for t in calibration.stats.targets:
+        key = f"{t.name}.weight"
+        if key not in checkpoint.files:
+            raise TloraError(f"{where} names module {t.name}, which --model does not have: recalibrate")
+        try:
+            with safe_open(checkpoint.files[key], "pt") as f:
+                shape = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise TloraError(f"cannot read {key} from {checkpoint.files[key]}: {e}".splitlines()[0]) from e
+        if shape != tuple(t.shape):
+            raise TloraError(
+                f"{where} records {t.name} as {list(t.shape)}, but --model's weight is {list(shape)}: recalibrate"
+            )
