@@ -189,11 +189,13 @@ class RecomputedCovariances(Mapping):
         targets: list[Target],
         input_of: dict[str, str],
         samples: Sequence[EncodedSample],
-        like: Collector,
+        measured: Collector,
     ):
-        self.streamed, self.targets, self.samples, self.like = streamed, targets, samples, like
+        self.streamed, self.targets, self.samples = streamed, targets, samples
+        self.center, self.dtype = measured.center, measured.dtype  # as the calibration measured them
         self.keys_ = list(dict.fromkeys(input_of.values()))  # model order
         self.layer, self.current = -1, {}
+        self.walk: LayerWalk | None = None  # a fresh one from the embeddings whenever reading goes back
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.keys_:
@@ -202,7 +204,7 @@ class RecomputedCovariances(Mapping):
         if target < self.layer:
             self.layer = -1
         if self.layer < 0:
-            collector = Collector(self.like.center, True, False, self.like.dtype)
+            collector = Collector(self.center, covariances=True, gradients=False, dtype=self.dtype)
             self.walk = LayerWalk(self.streamed, self.targets, self.samples, collector, LayerInputs(None))
             self.walk.capture()
         while self.layer < target:
