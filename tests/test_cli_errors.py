@@ -225,14 +225,14 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(kind, run_cli, model_factory
 
     from safetensors import SafetensorError
 
-    import tlora_cli.calibration as calibration
+    import tlora_cli.calib.store as store
 
     def full(*args, **kwargs):
         if kind == "safetensors":
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(calibration, "save_file", full)
+    monkeypatch.setattr(store, "save_file", full)
     out = tmp_path / "calib"
     result = run_cli("calibrate", "--model", model_factory("llama"), "--data", data_file, *N_ARGS, "-o", out)
     assert_clean_failure(result, out, "the disk filled up", "--offload-dir")

@@ -13,7 +13,7 @@ from tiny_models import make_hub_cache, use_offline_hub_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tlora_cli.allocation import allocate
-from tlora_cli.calibration import load_calibration
+from tlora_cli.calib.folder import load_calibration
 from tlora_cli.data import load_calibration_set
 from tlora_cli.training import load_for_training
 

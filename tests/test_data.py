@@ -10,6 +10,7 @@ import json
 import operator
 import random
 import re
+import sys
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
@@ -26,10 +27,12 @@ from tlora_cli.data import (
     builtin_samples,
     encode_sample,
     load_calibration_set,
-    math_problems,
     read_samples,
 )
 from tlora_cli.errors import TloraError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import math_problems  # the generator of the shipped set lives with the benchmarks
 
 RECORDS = [
     {"text": "The quick brown fox."},

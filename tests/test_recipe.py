@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tlora_cli.allocation import allocate_released
-from tlora_cli.calibration import load_calibration
+from tlora_cli.calib.folder import load_calibration
 from tlora_cli.data import load_calibration_set
 
 N, T = 6, 32

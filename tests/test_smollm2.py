@@ -102,7 +102,7 @@ def test_every_a_spans_the_float64_svd_subspace_on_smollm2(center: str, tmp_path
     from safetensors.torch import load_file
 
     from tlora_cli.builtin_model import builtin_model_path
-    from tlora_cli.calibration import load_calibration
+    from tlora_cli.calib.folder import load_calibration
     from tlora_cli.model_io import Checkpoint
 
     calib, out = tmp_path / "calib", tmp_path / "adapter"

@@ -18,8 +18,8 @@ import torch
 from reference import rel_err
 from safetensors.torch import load_file, save_file
 
-from tlora_cli.calibration import load_calibration
-from tlora_cli.streaming import StreamedModel
+from tlora_cli.calib.folder import load_calibration
+from tlora_cli.calib.streamed_model import StreamedModel
 
 MODELS = [
     ("llama", {}),
@@ -138,17 +138,17 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
     layer. When they would not fit, each layer's is made again while A is built: the same adapter, to the byte."""
     from tiny_models import HIDDEN_SIZE, INTERMEDIATE_SIZE
 
-    import tlora_cli.streaming as streaming
+    import tlora_cli.calib.host_memory as host_memory
 
     needed = 2 * 4 * (3 * HIDDEN_SIZE**2 + INTERMEDIATE_SIZE**2)  # 2 layers
     args = ("--model", model_factory("llama"), "--data", data_file, "--num-samples", "4", "--seq-len", "32")
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: 10**12)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 10**12)
     roomy = run_cli("init", *args, "-o", tmp_path / "roomy")
     assert roomy.code == 0 and "host memory" not in roomy.stderr
     loads = []
     original = StreamedModel.load_layer
     monkeypatch.setattr(StreamedModel, "load_layer", lambda self, i: loads.append(i) or original(self, i))
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: needed)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: needed)
     short = run_cli("init", *args, "-o", tmp_path / "short")
     assert short.code == 0, short.stderr
     assert f"would take {needed / 1e9:.3g} GB of the {needed / 1e9:.3g} GB of host memory available" in short.stderr
@@ -158,7 +158,7 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
         assert (tmp_path / "short" / file).read_bytes() == (tmp_path / "roomy" / file).read_bytes()
     offloaded = run_cli("init", *args, "--offload-dir", tmp_path, "-o", tmp_path / "offloaded")
     assert offloaded.code == 0 and "host memory" not in offloaded.stderr
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
     tiny = run_cli("init", *args, "-o", tmp_path / "tiny")
     assert tiny.code == 0 and "warning: the layer inputs will take" in tiny.stderr and "--offload-dir" in tiny.stderr
 
@@ -180,34 +180,36 @@ def alive_at_each_layer_load(monkeypatch) -> tuple[list[weakref.ref], list[int]]
 
 def test_recomputed_covariances_are_freed_before_the_next_layer_runs(model_factory, tiny_init, tmp_path, monkeypatch):
     """While A is built from recomputed covariances, one layer's are held at a time, not two."""
-    import tlora_cli.streaming as streaming
+    import tlora_cli.calib.host_memory as host_memory
+    from tlora_cli.calib.stream import LayerWalk
 
     made, alive_at_load = alive_at_each_layer_load(monkeypatch)
-    original = streaming._forward_layer
+    original = LayerWalk.forward_layer
 
     def forward_layer(*args, **kwargs):
         found = original(*args, **kwargs)
-        made.extend(weakref.ref(c) for c in found.values())
+        made.extend(weakref.ref(c) for c in found["covariances"].values())
         return found
 
-    monkeypatch.setattr(streaming, "_forward_layer", forward_layer)
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    monkeypatch.setattr(LayerWalk, "forward_layer", forward_layer)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
     assert tiny_init(model_factory("llama"), tmp_path / "out").code == 0
     assert alive_at_load == [0, 0, 0, 0, 0, 0]  # forward 0, 1, backward 1, 0, recomputed 0, 1
 
 
 def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, data_file, monkeypatch):
     """Read backwards, every layer is recomputed from the embeddings; the numbers do not change."""
-    import tlora_cli.streaming as streaming
+    import tlora_cli.calib.host_memory as host_memory
+    from tlora_cli.calib.stream import RecomputedCovariances
     from tlora_cli.pipeline import CalibrationOptions, ModelSource, calibrate
     from tlora_cli.progress import Reporter
 
     source = ModelSource.open(str(model_factory("mistral", sliding_window=8)))
     options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu")
     kept = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: 1)
+    monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
     recomputed = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
-    assert isinstance(recomputed.covariances, streaming.RecomputedCovariances)
+    assert isinstance(recomputed.covariances, RecomputedCovariances)
     assert list(recomputed.covariances) == list(kept.covariances)
     assert recomputed.scores == kept.scores
     for key in [*reversed(list(kept.covariances)), *kept.covariances]:
@@ -218,16 +220,17 @@ def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, 
 def test_layer_statistics_are_freed_once_written(gradients, model_factory, data_file, tmp_path, run_cli, monkeypatch):
     """`calibrate` writes each layer's covariances (and LoRA-DA's gradient statistics) to its folder; nothing
     may keep them alive into the next layer, or the peak grows by a layer's worth (0.6 GiB for Llama-2-7B)."""
-    from tlora_cli.calibration import TensorSink
+    from tlora_cli.calib.store import TensorStore
 
     written, alive_at_load = alive_at_each_layer_load(monkeypatch)
-    original = TensorSink.put
+    original = TensorStore.put
 
     def put(self, key, tensor):
-        written.append(weakref.ref(tensor))
+        if self.folder is not None:  # the statistics, into the calibration folder (layer inputs stay in memory)
+            written.append(weakref.ref(tensor))
         return original(self, key, tensor)
 
-    monkeypatch.setattr(TensorSink, "put", put)
+    monkeypatch.setattr(TensorStore, "put", put)
     model_dir = model_factory("llama")
     flags = ["--gradients"] if gradients else []
     result = run_cli("calibrate", "--model", model_dir, "--data", data_file, *COMMON, *flags, "-o", tmp_path / "c")
@@ -239,11 +242,11 @@ def test_layer_statistics_are_freed_once_written(gradients, model_factory, data_
 @pytest.mark.parametrize("engine", ["stream", "whole"])
 @pytest.mark.parametrize("method", ["random", "w-svd"])
 def test_methods_without_c_compute_no_covariance(engine, method, model_factory, tiny_init, tmp_path, monkeypatch):
-    import tlora_cli.statistics as statistics
+    import tlora_cli.calib.collector as collector
 
     calls = []
-    original = statistics.accumulate_xtx
-    monkeypatch.setattr(statistics, "accumulate_xtx", lambda *a: calls.append(a[1]) or original(*a))
+    original = collector.accumulate_xtx
+    monkeypatch.setattr(collector, "accumulate_xtx", lambda *a: calls.append(a[1]) or original(*a))
     assert tiny_init(model_factory("llama"), tmp_path / "c", "--engine", engine).code == 0
     assert calls
     calls.clear()

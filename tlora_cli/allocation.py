@@ -126,6 +126,18 @@ def allocate_ranks(scores: Sequence[float], budget: int, max_ranks: Sequence[int
     return ranks
 
 
+def _checked_alpha(names: Sequence[str], rank: int, alpha: float | None) -> float:
+    """The per-module alpha (default: the budget rank), after the checks both allocations share."""
+    if not names:
+        raise TloraError("no target modules to allocate")
+    if rank < 1:
+        raise TloraError(f"--budget-rank must be at least 1, got {rank}")
+    alpha = float(rank) if alpha is None else float(alpha)
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise TloraError(f"--alpha must be a positive number, got {alpha:g}")
+    return alpha
+
+
 def allocate(
     names: Sequence[str],
     shapes: Sequence[tuple[int, int]],
@@ -141,13 +153,7 @@ def allocate(
     Switching off rank allocation gives every module `rank`; switching off alpha allocation gives
     every module `alpha` (plain LoRA scaling alpha/r_i). Both off is `--uniform`.
     """
-    if not names:
-        raise TloraError("no target modules to allocate")
-    if rank < 1:
-        raise TloraError(f"--budget-rank must be at least 1, got {rank}")
-    alpha = float(rank) if alpha is None else float(alpha)
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise TloraError(f"--alpha must be a positive number, got {alpha:g}")
+    alpha = _checked_alpha(names, rank, alpha)
     if min_rank < 0:
         raise TloraError(f"--min-rank must be 0 or more, got {min_rank}")
     n = len(names)
@@ -186,13 +192,7 @@ def allocate_released(
     divides by the config's r, not by r_i, so alpha_i = a_i * r_i / r_init here gives that scaling
     through PEFT's alpha_i / r_i. Rank-0 modules get no adapter (the released code would build one).
     """
-    if not names:
-        raise TloraError("no target modules to allocate")
-    if rank < 1:
-        raise TloraError(f"--budget-rank must be at least 1, got {rank}")
-    alpha = float(rank) if alpha is None else float(alpha)
-    if not (alpha > 0 and math.isfinite(alpha)):
-        raise TloraError(f"--alpha must be a positive number, got {alpha:g}")
+    alpha = _checked_alpha(names, rank, alpha)
     if any(s < 0 or not math.isfinite(s) for s in scores):
         raise TloraError("importance scores must be finite and non-negative; recompute the calibration")
     n, total = len(names), sum(scores)

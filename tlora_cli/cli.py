@@ -1,13 +1,20 @@
-"""`tlora`: a thin Typer layer over the library; every user error becomes one line and exit code 1."""
+"""`tlora`: a thin Typer layer over the library; every user error becomes one line and exit code 1.
+
+Commands only parse flags into the library's options objects and call `pipeline`; flags that several
+commands share are declared once, as a group function whose parameters `with_flags` adds to each command.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,40 +22,22 @@ from rich.markup import escape
 
 from . import __version__
 from .budget_plot import print_picture, write_plot
-from .calib_check import check_against_model
-from .calibration import load_calibration, save_calibration
-from .data import (
-    DataOptions,
-    datasets_plain,
-    datasets_table,
-    rank_warning,
-    samples_plain,
-    samples_text,
-    show_samples,
-)
+from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
 from .errors import TloraError, disk_full
 from .export import export
 from .hub_upload import push_folder
+from .methods import InitOptions, methods_help
 from .model_card import command_line
 from .model_io import load_tokenizer, resolve_model
-from .output import COMMITTED, atomic_dir, atomic_file
-from .ownership import run_inputs
-from .pipeline import (
+from .options import (
+    DEFAULT_BUDGET_RANK,
+    DEFAULT_NUM_SAMPLES,
     RELEASED_NUM_SAMPLES,
     AllocationOptions,
     CalibrationOptions,
-    InitOptions,
-    ModelSource,
-    allocate_modules,
-    allocation_settings,
-    calibrate,
-    check_calibration,
-    initialise,
-    method_center,
-    stats_scratch,
-    weights_from_checkpoint,
 )
-from .plan import read_plan, write_plan
+from .output import COMMITTED
+from .pipeline import run_allocate, run_calibrate, run_init
 from .progress import Reporter
 from .report import print_summary, summarise
 
@@ -85,7 +74,12 @@ ChatTemplate = Annotated[
 Streaming = Annotated[
     bool | None, typer.Option("--streaming/--no-streaming", help="Stream the hub dataset. Default: by its size.")
 ]
-NumSamples = Annotated[int | None, typer.Option(help="Calibration samples N. Default 32 (256 with --recipe released).")]
+NumSamples = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Calibration samples N. Default {DEFAULT_NUM_SAMPLES} ({RELEASED_NUM_SAMPLES} with --recipe released)."
+    ),
+]
 SeqLen = Annotated[int, typer.Option(help="Tokens per sample at most, T.")]
 Targets = Annotated[
     str | None, typer.Option(help="Comma-separated module name suffixes. Default: all attention and MLP projections.")
@@ -122,7 +116,9 @@ OffloadDir = Annotated[
     Path | None,
     typer.Option(help="Keep layer inputs, gradients and covariances in files here instead of host memory."),
 ]
-BudgetRank = Annotated[int | None, typer.Option(help="r_init: the budget is L * r_init ranks. Default 8.")]
+BudgetRank = Annotated[
+    int | None, typer.Option(help=f"r_init: the budget is L * r_init ranks. Default {DEFAULT_BUDGET_RANK}.")
+]
 
 
 def _finite(value: float | None) -> float | None:
@@ -144,13 +140,7 @@ Uniform = Annotated[
 ]
 RankAllocation = Annotated[bool, typer.Option(help="Allocate ranks by importance (off: r_init everywhere).")]
 AlphaAllocation = Annotated[bool, typer.Option(help="Allocate alphas by importance (off: alpha everywhere).")]
-Method = Annotated[
-    str,
-    typer.Option(
-        help="tlora (SVD of W C), w-svd (SVD of W alone), random (standard LoRA), theory (V_r^T C^-1/2), "
-        "lora-da (LoRA-DA's Fisher-aware subspace, docs/lora-da.md)."
-    ),
-]
+Method = Annotated[str, typer.Option(help=methods_help())]
 Damping = Annotated[
     float, typer.Option(help="theory, lora-da: damping added to C (and to the Fisher diagonal).", callback=_finite)
 ]
@@ -195,50 +185,49 @@ def _root(
     """Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter."""
 
 
+def _check_push(repo_id: str | None, private: bool, create_pr: bool) -> None:
+    if repo_id is None and (private or create_pr):
+        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
+
+
 def _push(out: Path, repo_id: str | None, private: bool, create_pr: bool, reporter: Reporter) -> None:
-    if repo_id is None:
-        if private or create_pr:
-            raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
-        return
-    reporter.info(f"pushed {out} to {push_folder(out, repo_id, private, create_pr)}")
+    _check_push(repo_id, private, create_pr)
+    if repo_id is not None:
+        reporter.info(f"pushed {out} to {push_folder(out, repo_id, private, create_pr)}")
 
 
-def _allocation_options(
-    budget_rank: int | None,
-    alpha: float | None,
-    min_rank: int | None,
-    uniform: bool,
-    rank_allocation: bool,
-    alpha_allocation: bool,
-    recipe: str,
-) -> AllocationOptions:
-    options = AllocationOptions(
-        budget_rank=8 if budget_rank is None else budget_rank,
-        alpha=alpha,
-        min_rank=min_rank or 0,
-        rank_allocation=rank_allocation and not uniform,
-        alpha_allocation=alpha_allocation and not uniform,
-        recipe=recipe,
-    )
-    options.check()
-    return options
+def with_flags(*groups: Callable[..., Any]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Each parameter of the command named after a group stands for that group's flags: the command gets
+    them in its place on the command line, and is called with what the group returns from them."""
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        by_name = {group.__name__: group for group in groups}
+        members: dict[str, list[str]] = {}
+        params: list[inspect.Parameter] = []
+        for param in inspect.signature(command, eval_str=True).parameters.values():
+            if param.name not in by_name:
+                params.append(param)
+                continue
+            flags = list(inspect.signature(by_name[param.name], eval_str=True).parameters.values())
+            members[param.name] = [flag.name for flag in flags]
+            params += flags
+        params = [param.replace(kind=inspect.Parameter.KEYWORD_ONLY) for param in params]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            for name, flags in members.items():
+                kwargs[name] = by_name[name](**{flag: kwargs.pop(flag) for flag in flags})
+            command(**kwargs)
+
+        del run.__wrapped__  # Typer reads the signature below, not the command's
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {param.name: param.annotation for param in params}
+        return run
+
+    return decorate
 
 
-def _center(center: bool | None, recipe: str, default: bool) -> bool:
-    if recipe == "released" and center is False:
-        raise TloraError("--recipe released centres each sample, as the released code does: drop --no-center")
-    return default if center is None else center
-
-
-def _num_samples(num_samples: int | None, recipe: str) -> int:
-    return num_samples if num_samples is not None else RELEASED_NUM_SAMPLES if recipe == "released" else 32
-
-
-@app.command("calibrate")
-def calibrate_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration directory to write.")],
-    model: Model = None,
-    data: Data = None,
+def data_flags(
     data_config: DataConfig = None,
     data_split: DataSplit = None,
     text_field: TextField = None,
@@ -247,109 +236,104 @@ def calibrate_command(
     template: Template = None,
     chat_template: ChatTemplate = False,
     streaming: Streaming = None,
+) -> dict[str, Any]:
+    """How to read --data: DataOptions' fields but the data itself."""
+    return {
+        "config": data_config,
+        "split": data_split,
+        "text_field": text_field,
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "template": template,
+        "chat_template": chat_template,
+        "streaming": streaming,
+    }
+
+
+def calibration_flags(
     num_samples: NumSamples = None,
     seq_len: SeqLen = 512,
     target_modules: Targets = None,
     center: Center = None,
-    recipe: Recipe = "default",
     device: Device = None,
     dtype: Dtype = "auto",
     seed: Seed = 0,
     engine: Engine = "stream",
     offload_dir: OffloadDir = None,
+) -> dict[str, Any]:
+    """CalibrationOptions' fields that calibrate and init share."""
+    return dict(locals())
+
+
+def allocation_flags(
+    budget_rank: BudgetRank = None,
+    alpha: Alpha = None,
+    min_rank: MinRank = None,
+    uniform: Uniform = False,
+    rank_allocation: RankAllocation = True,
+    alpha_allocation: AlphaAllocation = True,
+) -> dict[str, Any]:
+    """AllocationOptions' fields but the recipe."""
+    return dict(locals())
+
+
+@app.command("calibrate")
+@with_flags(data_flags, calibration_flags)
+def calibrate_command(
+    *,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration directory to write.")],
+    model: Model = None,
+    data: Data = None,
+    data_flags: dict[str, Any],
+    calibration_flags: dict[str, Any],
+    recipe: Recipe = "default",
     gradients: Gradients = False,
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Run the model on the calibration samples and save covariances and importance scores."""
-    reporter = Reporter(quiet)
-    data_options = DataOptions(
-        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
-    )
-    data_options.check()
-    AllocationOptions(recipe=recipe).check()
-    options = CalibrationOptions(
-        _num_samples(num_samples, recipe), seq_len, target_modules,
-        _center(center, recipe, default=not gradients),  # --gradients is for lora-da: the uncentred moment
-        device, dtype, seed, engine, offload_dir, gradients,
-    )  # fmt: skip
-    options.check()
-    with atomic_dir(out, overwrite, "calibration", run_inputs(model, data, offload_dir=offload_dir)) as tmp:
-        source = ModelSource.open(model, revision)
-        calibration, _ = calibrate(source, data_options, options, reporter, stats_dir=tmp)
-        save_calibration(calibration, tmp)
-    reporter.info(f"wrote {out}: {len(calibration.stats.targets)} modules, {calibration.stats.num_tokens} tokens")
+    options = CalibrationOptions(**calibration_flags, gradients=gradients, recipe=recipe)
+    run_calibrate(out, model, revision, DataOptions(data, **data_flags), options, overwrite, Reporter(quiet))
 
 
 @app.command("allocate")
+@with_flags(allocation_flags)
 def allocate_command(
+    *,
     calibration_dir: Annotated[Path, typer.Argument(help="Directory written by `tlora calibrate`.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file (JSON) to write.")],
-    budget_rank: BudgetRank = None,
-    alpha: Alpha = None,
-    min_rank: MinRank = None,
-    uniform: Uniform = False,
-    rank_allocation: RankAllocation = True,
-    alpha_allocation: AlphaAllocation = True,
+    allocation_flags: dict[str, Any],
     recipe: Recipe = "default",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     """Turn importance scores into per-module ranks and alphas; writes an editable plan."""
-    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation, recipe)
-    calibration = load_calibration(calibration_dir)
-    allocations = allocate_modules(calibration.stats, options)
-    with atomic_file(out, overwrite, "plan", run_inputs(calibration=calibration_dir, builtin_model=False)) as tmp:
-        write_plan(tmp, allocations, allocation_settings(options, len(allocations)), calibration.model["fingerprint"])
-    reporter = Reporter(quiet)
-    warning = rank_warning(calibration.stats.num_tokens, max(a.rank for a in allocations))
-    if warning:
-        reporter.warn(warning)
-    reporter.info(
-        f"wrote {out}: {sum(a.rank for a in allocations)} ranks over {sum(1 for a in allocations if a.rank)} modules"
-    )
+    options = AllocationOptions(**allocation_flags, recipe=recipe)
+    run_allocate(calibration_dir, out, options, overwrite, Reporter(quiet))
 
 
 @app.command("init")
+@with_flags(data_flags, allocation_flags, calibration_flags)
 def init_command(
+    *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
     model: Model = None,
     data: Data = None,
-    data_config: DataConfig = None,
-    data_split: DataSplit = None,
-    text_field: TextField = None,
-    prompt_field: PromptField = None,
-    response_field: ResponseField = None,
-    template: Template = None,
-    chat_template: ChatTemplate = False,
-    streaming: Streaming = None,
+    data_flags: dict[str, Any],
     calibration_dir: Annotated[
         Path | None,
         typer.Option("--calibration", help="Reuse a `tlora calibrate` directory instead of running the model."),
     ] = None,
     plan: Annotated[Path | None, typer.Option(help="Use ranks and alphas from a `tlora allocate` plan.")] = None,
-    budget_rank: BudgetRank = None,
-    alpha: Alpha = None,
-    num_samples: NumSamples = None,
-    seq_len: SeqLen = 512,
-    target_modules: Targets = None,
-    min_rank: MinRank = None,
-    uniform: Uniform = False,
-    rank_allocation: RankAllocation = True,
-    alpha_allocation: AlphaAllocation = True,
+    allocation_flags: dict[str, Any],
+    calibration_flags: dict[str, Any],
     method: Method = "tlora",
     damping: Damping = 1e-6,
     lora_da_beta: LoraDaBeta = 0.03,
     lora_da_population: LoraDaPopulation = 100_000,
     train_a: TrainA = None,
-    center: Center = None,
     recipe: Recipe = "default",
-    device: Device = None,
-    dtype: Dtype = "auto",
-    seed: Seed = 0,
-    engine: Engine = "stream",
-    offload_dir: OffloadDir = None,
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -358,45 +342,21 @@ def init_command(
     create_pr: CreatePr = False,
 ) -> None:
     """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
-    if push_to_hub is None and (private or create_pr):
-        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
-    if plan and (budget_rank is not None or alpha is not None or min_rank is not None or uniform):
-        raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
-    data_options = DataOptions(
-        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
-    )
-    if calibration_dir and data_options != DataOptions():
-        raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
-    data_options.check()
-    options = _allocation_options(budget_rank, alpha, min_rank, uniform, rank_allocation, alpha_allocation, recipe)
-    init = InitOptions(method, damping, train_a, seed, lora_da_beta, lora_da_population, recipe)
-    init.check()
-    calib_options = CalibrationOptions(
-        _num_samples(num_samples, recipe), seq_len, target_modules,
-        _center(center, recipe, default=method_center(method)), device, dtype, seed, engine, offload_dir,
-        gradients=method == "lora-da", covariances=init.uses_covariances,
-    )  # fmt: skip
-    calib_options.check()
+    _check_push(push_to_hub, private, create_pr)
     reporter = Reporter(quiet)
-    inputs = run_inputs(model, data, calibration_dir, plan, offload_dir)
-    with atomic_dir(out, overwrite, "adapter", inputs) as tmp, stats_scratch(offload_dir) as stats_dir:
-        if calibration_dir:
-            calibration = load_calibration(calibration_dir)
-            source = ModelSource.open(model or calibration.model["name"], revision)
-            calibration.check_model(source.checkpoint.fingerprint, str(calibration_dir))
-            check_against_model(calibration, source.checkpoint, str(calibration_dir))
-            check_calibration(calibration, init, calib_options.center, center is not None, str(calibration_dir))
-            weight_of = weights_from_checkpoint(source.checkpoint)
-        else:
-            source = ModelSource.open(model, revision)
-            calibration, weight_of = calibrate(source, data_options, calib_options, reporter, stats_dir)
-        if plan:
-            allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
-        else:
-            allocations = allocate_modules(calibration.stats, options)
-            settings = allocation_settings(options, len(allocations))
-        initialise(tmp, source, calibration, allocations, settings, weight_of, calib_options, init, reporter, out.name)
-    reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
+    run_init(
+        out,
+        model,
+        revision,
+        DataOptions(data, **data_flags),
+        calibration_dir,
+        plan,
+        AllocationOptions(**allocation_flags, recipe=recipe),
+        InitOptions(method, damping, train_a, calibration_flags["seed"], lora_da_beta, lora_da_population, recipe),
+        CalibrationOptions(**calibration_flags, recipe=recipe),
+        overwrite,
+        reporter,
+    )
     _push(out, push_to_hub, private, create_pr, reporter)
 
 
@@ -415,26 +375,19 @@ def data_list_command() -> None:
 
 
 @data_app.command("show")
+@with_flags(data_flags)
 def data_show_command(
+    *,
     data: Annotated[str, typer.Argument(help="A dataset name, NAME=PATH, a file, a folder or a hub id.")],
     model: Model = None,
-    data_config: DataConfig = None,
-    data_split: DataSplit = None,
-    text_field: TextField = None,
-    prompt_field: PromptField = None,
-    response_field: ResponseField = None,
-    template: Template = None,
-    chat_template: ChatTemplate = False,
-    streaming: Streaming = None,
+    data_flags: dict[str, Any],
     num_samples: Annotated[int, typer.Option(help="How many samples to show.")] = 3,
     seq_len: SeqLen = 512,
     seed: Seed = 0,
     revision: Revision = None,
 ) -> None:
     """A few samples exactly as the model will see them, the part that carries the loss marked."""
-    options = DataOptions(
-        data, data_config, data_split, text_field, prompt_field, response_field, template, chat_template, streaming
-    )
+    options = DataOptions(data, **data_flags)
     options.check()
     tokenizer = load_tokenizer(resolve_model(model, revision))
     calib_set, shown = show_samples(options, tokenizer, num_samples, seq_len, seed)
@@ -499,8 +452,7 @@ def export_command(
     create_pr: CreatePr = False,
 ) -> None:
     """An adapter as inference servers read it (vLLM, SGLang/TGI/LoRAX), or merged into its base model."""
-    if push_to_hub is None and (private or create_pr):
-        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
+    _check_push(push_to_hub, private, create_pr)
     reporter = Reporter(quiet)
     result = export(
         adapter_dir,

@@ -70,6 +70,40 @@ def _summarise(folder: Path) -> dict:
         raise TloraError(f"{folder} is not a PEFT adapter: it needs {CONFIG} and {WEIGHTS}")
     config = _read_json(folder / CONFIG)
     meta = _read_json(folder / METADATA) if (folder / METADATA).is_file() else None
+    modules = _modules(folder, config)
+    # Uniform LoRA at the same r over every target, adapted or not (rank-0 modules are only in the metadata).
+    r_init = (meta or {}).get("allocation", {}).get("budget_rank") or round(
+        sum(m["rank"] for m in modules) / len(modules)
+    )
+    all_shapes = [m["shape"] for m in (meta or {}).get("modules", modules)]
+    uniform_b = sum(o * r_init for o, _ in all_shapes)
+    uniform_ab = sum((o + i) * r_init for o, i in all_shapes)
+    total_rank = sum(m["rank"] for m in modules)
+    by_layer, by_type = _budget_groups(modules, total_rank)
+    return {
+        "adapter": str(folder),
+        "base_model": config.get("base_model_name_or_path"),
+        "method": meta.get("method") if meta else None,
+        "recipe": meta.get("recipe", "default") if meta else None,
+        "covariance": meta.get("covariance") if meta else None,
+        "train_a": meta.get("train_a") if meta else None,
+        "modules": modules,
+        "targets": len(all_shapes),
+        "totals": {
+            "rank": total_rank,
+            "params_b": sum(m["params_b"] for m in modules),
+            "params_ab": sum(m["params_ab"] for m in modules),
+        },
+        "uniform_lora": {"rank": r_init, "params_b": uniform_b, "params_ab": uniform_ab},
+        "by_layer": dict(
+            sorted(by_layer.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
+        ),
+        "by_type": dict(by_type),
+    }
+
+
+def _modules(folder: Path, config: dict) -> list[dict]:
+    """Each adapted module's rank, alpha, scaling and parameters, in the config's target order."""
     rslora = bool(config.get("use_rslora"))
     shapes = _shapes(folder / WEIGHTS)
     order = config.get("target_modules") if isinstance(config.get("target_modules"), list) else []
@@ -93,14 +127,11 @@ def _summarise(folder: Path) -> dict:
                 "shape": [out_features, in_features],
             }
         )
-    # Uniform LoRA at the same r over every target, adapted or not (rank-0 modules are only in the metadata).
-    r_init = (meta or {}).get("allocation", {}).get("budget_rank") or round(
-        sum(m["rank"] for m in modules) / len(modules)
-    )
-    all_shapes = [m["shape"] for m in (meta or {}).get("modules", modules)]
-    uniform_b = sum(o * r_init for o, _ in all_shapes)
-    uniform_ab = sum((o + i) * r_init for o, i in all_shapes)
-    total_rank = sum(m["rank"] for m in modules)
+    return modules
+
+
+def _budget_groups(modules: list[dict], total_rank: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Ranks and parameters summed per decoder layer and per module type, with each one's share of the rank."""
     by_layer: dict[str, dict] = defaultdict(lambda: {"rank": 0, "params_b": 0, "modules": 0})
     by_type: dict[str, dict] = defaultdict(lambda: {"rank": 0, "params_b": 0, "modules": 0})
     for m in modules:
@@ -112,26 +143,7 @@ def _summarise(folder: Path) -> dict:
     for groups in (by_layer, by_type):
         for g in groups.values():
             g["share_of_rank"] = g["rank"] / total_rank
-    return {
-        "adapter": str(folder),
-        "base_model": config.get("base_model_name_or_path"),
-        "method": meta.get("method") if meta else None,
-        "recipe": meta.get("recipe", "default") if meta else None,
-        "covariance": meta.get("covariance") if meta else None,
-        "train_a": meta.get("train_a") if meta else None,
-        "modules": modules,
-        "targets": len(all_shapes),
-        "totals": {
-            "rank": total_rank,
-            "params_b": sum(m["params_b"] for m in modules),
-            "params_ab": sum(m["params_ab"] for m in modules),
-        },
-        "uniform_lora": {"rank": r_init, "params_b": uniform_b, "params_ab": uniform_ab},
-        "by_layer": dict(
-            sorted(by_layer.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0))
-        ),
-        "by_type": dict(by_type),
-    }
+    return by_layer, by_type
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

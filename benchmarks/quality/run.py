@@ -33,11 +33,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tlora_cli.builtin_model import builtin_model_path
 from tlora_cli.data import Sample, encode_sample
-from tlora_cli.data.math_problems import generate_problems
 from tlora_cli.training import load_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import machine, tlora_script
+from math_problems import generate_problems
 
 QUALITY_DIR = Path(__file__).resolve().parent
 # Arm id -> (label, `tlora init` flags). The rank budget and alpha are added to every one.

@@ -13,7 +13,7 @@ BUILTIN_FILE = "math_word_problems.jsonl.gz"
 
 
 def builtin_samples() -> tuple[list[Sample], str, str]:
-    """(samples, source, sha256): 400 GSM8K-style problems from `math_problems`, seed 0.
+    """(samples, source, sha256): 400 GSM8K-style problems from benchmarks/math_problems.py, seed 0.
 
     Math word problems, because a worked solution is the kind of task the default model is tuned for.
     """

@@ -17,23 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TloraError
-from .messages import is_conversation, messages_sample
+from .records import record_to_sample, type_name
 from .samples import Sample
 
 Record = tuple[str, Any]  # (where, as errors name it; the raw record)
 
 FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 FORMATS_HELP = ".jsonl, .json, .parquet, .csv or .txt (each optionally .gz-compressed)"
-
-# Checked in this order; the first pair whose two fields are both present wins.
-PAIR_FIELDS = (
-    ("query", "response"),
-    ("question", "answer"),
-    ("instruction", "output"),
-    ("prompt", "completion"),
-    ("prompt", "response"),
-)
-FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_FIELDS)
 
 
 def file_format(name: str) -> tuple[str, bool]:
@@ -112,61 +102,6 @@ def parse_records(raw: bytes, name: str) -> list[Record]:
     return records
 
 
-def record_to_sample(record: Any, where: str) -> Sample:
-    """Map one record to a Sample by its field names; `where` prefixes errors ("file: line 3").
-
-    A null or blank field counts as absent when choosing the shape, so that columnar files (Parquet,
-    CSV) may mix text rows and pair rows; a shape that is only partly filled is reported, not skipped.
-    """
-    if not isinstance(record, dict):
-        raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {_type_name(record)}")
-    if _filled(record.get("text")):
-        return Sample(text=_string_field(record, "text", where))
-    if is_conversation(record):  # TRL's conversational format
-        sample = messages_sample(record, where)
-        if sample is None:
-            raise TloraError(f"{where}: the conversation has no assistant turn with content; add one")
-        return sample
-    for prompt_key, response_key in PAIR_FIELDS:
-        if _filled(record.get(prompt_key)) and _filled(record.get(response_key)):
-            prompt = _string_field(record, prompt_key, where)
-            if prompt_key == "instruction" and _filled(record.get("input")):
-                # Alpaca style: a non-empty input follows the instruction after a blank line.
-                prompt = f"{prompt}\n\n{_string_field(record, 'input', where)}"
-            return Sample(prompt=prompt, response=_string_field(record, response_key, where))
-    # No complete shape: report what is wrong with the first one the record partly has.
-    for shape in (("text",), *PAIR_FIELDS):
-        if any(key in record for key in shape):
-            for key in shape:
-                if key not in record:
-                    given = next(k for k in shape if k in record)
-                    raise TloraError(f"{where}: has '{given}' but no '{key}'; add it or use {FIELDS_HELP}")
-                _string_field(record, key, where)
-    fields = ", ".join(f"'{k}'" for k in record) or "none"
-    raise TloraError(f"{where}: no usable fields (it has {fields}); each record needs {FIELDS_HELP}")
-
-
-def _filled(value: Any) -> bool:
-    return value is not None and not (isinstance(value, str) and not value.strip())
-
-
-def _string_field(record: dict[str, Any], key: str, where: str) -> str:
-    value = record[key]
-    if not isinstance(value, str):
-        raise TloraError(f"{where}: field '{key}' must be a string, got {_type_name(value)}; fix the record")
-    if not value.strip():
-        raise TloraError(f"{where}: field '{key}' is empty; fill it in or remove the record")
-    return value
-
-
-def _type_name(value: Any) -> str:
-    """JSON's names for types, which is what the user wrote."""
-    if value is None:
-        return "null"
-    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
 def _jsonl_records(text: str, name: str) -> list[Record]:
     records = []
     # Split on "\n" only: str.splitlines() would also split inside strings holding U+2028 and the like.
@@ -199,7 +134,7 @@ def _json_records(text: str, name: str) -> list[Record]:
             )
         data = data[key]
     if not isinstance(data, list):
-        raise TloraError(f"{name}: expected a list of records at the top level, got {_type_name(data)}")
+        raise TloraError(f"{name}: expected a list of records at the top level, got {type_name(data)}")
     return [(f"{name}: record {i}", record) for i, record in enumerate(data, start=1)]
 
 

@@ -1,7 +1,8 @@
-"""How a dataset record becomes a Sample when its fields are named: by a known set's format or the field flags.
+"""How a record becomes a Sample, for local files and hub datasets alike: a RecordFormat maps it.
 
-Local files without field flags keep `files.record_to_sample`, which reads each record's shape from its field
-names; here the shape is fixed once for the whole dataset, as a trainer's preprocessing fixes it.
+The format comes from a known set, the field flags, or the field names (detect_format, by one precedence):
+fixed once for a dataset, as a trainer's preprocessing fixes it, and per record for a local file without
+field flags (record_to_sample), whose records may differ in shape.
 """
 
 from __future__ import annotations
@@ -10,10 +11,21 @@ import dataclasses
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from ..errors import TloraError
-from .files import FIELDS_HELP, PAIR_FIELDS
+from .messages import is_conversation, messages_sample
 from .samples import Sample
+
+# Checked in this order; the first pair whose two fields are both present wins.
+PAIR_FIELDS = (
+    ("query", "response"),
+    ("question", "answer"),
+    ("instruction", "output"),
+    ("prompt", "completion"),
+    ("prompt", "response"),
+)
+FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -98,24 +110,89 @@ class RecordFormat:
 
 
 def detect_format(columns: Iterable[str], source: str) -> RecordFormat:
-    """The shape a dataset's column names imply, by the same precedence as local files (files.PAIR_FIELDS)."""
+    """The shape a dataset's column names imply, by the same precedence as a local file's records."""
     available = list(columns)
+    fmt = _shape(available)
+    if fmt is None:
+        fields = ", ".join(f"'{k}'" for k in available) or "none"
+        raise TloraError(
+            f"{source}: no usable fields (the records have {fields}); name them with --text-field, or "
+            f"--prompt-field (or --template) and --response-field, or give records with {FIELDS_HELP}"
+        )
+    return fmt
+
+
+def _shape(available: list[str]) -> RecordFormat | None:
+    """'text' if present, else the first pair of PAIR_FIELDS present; None when there is neither."""
     if "text" in available:
         return RecordFormat(text_field="text")
     for prompt_key, response_key in PAIR_FIELDS:
         if prompt_key in available and response_key in available:
-            # Alpaca style, as for local files: a filled input follows the instruction after a blank line.
+            # Alpaca style: a filled input follows the instruction after a blank line.
             alpaca = prompt_key == "instruction" and "input" in available
             return RecordFormat(
                 prompt_field=prompt_key,
                 input_template="{instruction}\n\n{input}" if alpaca else None,
                 response_field=response_key,
             )
-    fields = ", ".join(f"'{k}'" for k in available) or "none"
-    raise TloraError(
-        f"{source}: no usable fields (the records have {fields}); name them with --text-field, or --prompt-field "
-        f"(or --template) and --response-field, or give records with {FIELDS_HELP}"
-    )
+    return None
+
+
+def record_to_sample(record: Any, where: str) -> Sample:
+    """Map one record of a local file to a Sample by its own field names; `where` prefixes errors ("file: line 3").
+
+    The shape is found as detect_format finds a dataset's, from the fields this record fills: a null or blank
+    field counts as absent, so that columnar files (Parquet, CSV) may mix text rows and pair rows. The file is
+    the user's to fix, so a shape that is only partly filled, or a field that is not a string, is reported.
+    """
+    if not isinstance(record, dict):
+        raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {type_name(record)}")
+    filled = [key for key, value in record.items() if _filled(value)]
+    if "text" not in filled and is_conversation(record):  # TRL's conversational format
+        sample = messages_sample(record, where)
+        if sample is None:
+            raise TloraError(f"{where}: the conversation has no assistant turn with content; add one")
+        return sample
+    fmt = _shape(filled)
+    if fmt is None:
+        _report_unusable(record, where)
+    for name in fmt.fields:
+        _string_field(record, name, where)
+    return fmt.to_sample(record, where)
+
+
+def _report_unusable(record: dict[str, Any], where: str) -> NoReturn:
+    """No complete shape: report what is wrong with the first one the record partly has."""
+    for shape in (("text",), *PAIR_FIELDS):
+        if any(key in record for key in shape):
+            for key in shape:
+                if key not in record:
+                    given = next(k for k in shape if k in record)
+                    raise TloraError(f"{where}: has '{given}' but no '{key}'; add it or use {FIELDS_HELP}")
+                _string_field(record, key, where)
+    fields = ", ".join(f"'{k}'" for k in record) or "none"
+    raise TloraError(f"{where}: no usable fields (it has {fields}); each record needs {FIELDS_HELP}")
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
+def _string_field(record: dict[str, Any], key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise TloraError(f"{where}: field '{key}' must be a string, got {type_name(value)}; fix the record")
+    if not value.strip():
+        raise TloraError(f"{where}: field '{key}' is empty; fill it in or remove the record")
+    return value
+
+
+def type_name(value: Any) -> str:
+    """JSON's names for types, which is what the user wrote."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def template_fields(template: str) -> list[str]:

@@ -16,10 +16,10 @@ from typing import Any
 
 from ..errors import TloraError
 from .builtin import builtin_samples
-from .files import FORMATS_HELP, file_format, read_records, record_to_sample
+from .files import FORMATS_HELP, file_format, read_records
 from .hub import STREAM_BUFFER, NoDataFiles, NotCached, NotFound, Split, cached_snapshot, open_split
 from .messages import is_conversation, messages_sample
-from .records import RecordFormat, detect_format
+from .records import RecordFormat, detect_format, record_to_sample
 from .registry import REGISTRY, DatasetSpec
 from .samples import Sample
 

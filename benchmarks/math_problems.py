@@ -6,7 +6,7 @@ Every solution writes each computation as "a op b = c" and ends with GSM8K's "##
 All arithmetic is exact: integers, or Fractions whose decimal expansion terminates.
 
 Regenerate the shipped file with:
-    python -m tlora_cli.data.math_problems --out tlora_cli/data/math_word_problems.jsonl.gz --n 400 --seed 0
+    python benchmarks/math_problems.py --out tlora_cli/data/math_word_problems.jsonl.gz --n 400 --seed 0
 """
 
 from __future__ import annotations

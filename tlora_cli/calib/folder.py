@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .calib_check import check_files, check_manifest, check_tensor
-from .errors import TloraError
-from .statistics import Statistics
-from .targets import Target
+from ..calib_check import check_files, check_manifest, check_tensor
+from ..errors import TloraError
+from ..targets import Target
+from .statistics import Statistics, StatisticStores
+from .store import TensorStore, write_tensors
 
 FORMAT = "tlora-calibration/1"
 MANIFEST = "calibration.json"
@@ -45,64 +44,21 @@ class Calibration:
             )
 
 
-class TensorFiles(Mapping):
-    """Per-module tensors read from disk one at a time, so a big model's never all sit in memory."""
+def statistic_stores(folder: Path | None, gradients: bool) -> StatisticStores:
+    """Stores that write each finished statistic straight into the calibration folder's layout (or memory)."""
 
-    def __init__(self, folder: Path, keys: list[str], field: str):
-        self.folder, self.keys_, self.field = folder, keys, field
+    def store(kind: str) -> TensorStore:
+        subfolder, field = LAYOUT[kind]
+        return TensorStore(folder / subfolder if folder else None, field)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.keys_:
-            raise KeyError(key)
-        path = self.folder / f"{key}.safetensors"
-        try:
-            with safe_open(path, "pt") as f:
-                return check_tensor(f.get_tensor(self.field), path)
-        except (OSError, RuntimeError, SafetensorError) as e:
-            raise TloraError(f"cannot read {path}: {e}; recalibrate".splitlines()[0]) from e
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys_)
-
-    def __len__(self) -> int:
-        return len(self.keys_)
-
-
-class TensorSink:
-    """Finished statistics leave the device at once: into host memory, or files in a folder."""
-
-    def __init__(self, folder: Path | None, field: str):
-        self.folder, self.field = folder, field
-        self.memory: dict[str, torch.Tensor] = {}
-        self.keys: list[str] = []
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def put(self, key: str, tensor: torch.Tensor) -> None:
-        self.keys.append(key)
-        if self.folder is None:
-            self.memory[key] = tensor.cpu()
-        else:
-            save_file({self.field: tensor.contiguous().cpu()}, self.folder / f"{key}.safetensors")
-
-    def result(self) -> Mapping[str, torch.Tensor]:
-        return self.memory if self.folder is None else TensorFiles(self.folder, self.keys, self.field)
-
-
-def sink(folder: Path | None, kind: str) -> TensorSink:
-    """Where one kind of statistic goes: `folder/<kind's subfolder>`, or memory without a folder."""
-    subfolder, field = LAYOUT[kind]
-    return TensorSink(folder / subfolder if folder else None, field)
+    if not gradients:
+        return StatisticStores(store("covariance"))
+    return StatisticStores(store("covariance"), store("mean_grad"), store("output_grad_sq"))
 
 
 def _save(tensors: Mapping[str, torch.Tensor], folder: Path, kind: str) -> None:
     subfolder, field = LAYOUT[kind]
-    target = folder / subfolder
-    if isinstance(tensors, TensorFiles) and tensors.folder == target:
-        return  # the streaming engine wrote them straight into the folder
-    target.mkdir(parents=True, exist_ok=True)
-    for key, tensor in tensors.items():
-        save_file({field: tensor.contiguous()}, target / f"{key}.safetensors")
+    write_tensors(tensors, folder / subfolder, field)
 
 
 def save_calibration(calibration: Calibration, folder: Path) -> None:
@@ -155,13 +111,14 @@ def load_calibration(folder: Path) -> Calibration:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as e:
         raise TloraError(f"{path} is damaged ({type(e).__name__}: {e}): recalibrate".splitlines()[0]) from e
     for files in (stats.covariances, stats.mean_grads, stats.output_grad_sq):
-        missing = [k for k in files or () if not (files.folder / f"{k}.safetensors").is_file()]
+        missing = files.missing() if files is not None else []
         if missing:
             raise TloraError(f"calibration {folder} lacks {files.folder.name}/{missing[0]}: recalibrate")
     check_files(folder, manifest)
     return calibration
 
 
-def _files(folder: Path, kind: str, keys: list[str]) -> TensorFiles:
+def _files(folder: Path, kind: str, keys: list[str]) -> TensorStore:
+    """Tensors of one kind read from disk one at a time, so a big model's never all sit in memory."""
     subfolder, field = LAYOUT[kind]
-    return TensorFiles(folder / subfolder, keys, field)
+    return TensorStore(folder / subfolder, field, keys, check=check_tensor)

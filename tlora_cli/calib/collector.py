@@ -1,0 +1,185 @@
+"""What calibration measures, as hooks on the target modules: both engines run the model, this measures it.
+
+Covariances come from forward pre-hooks (X^T X once per distinct input), importance scores and LoRA-DA's
+gradient moments from backward hooks. Sums stay where the model runs until `finish()` turns them into means:
+a distributed run would all-reduce the sums right before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TloraError
+
+
+class InputGroups:
+    """Recognises modules that read the very same tensor within one forward (q/k/v, gate/up).
+
+    Tensors are compared by identity while a forward holds them alive, so no name rules are needed.
+    """
+
+    def __init__(self) -> None:
+        self.live: list[tuple[torch.Tensor, str]] = []
+        self.input_of: dict[str, str] = {}
+
+    def key(self, name: str, x: torch.Tensor) -> tuple[str, bool]:
+        """The covariance key of this input, and whether this module is the first to read it."""
+        key = next((k for t, k in self.live if t is x), None)
+        first = key is None
+        if first:
+            self.live.append((x, name))
+            key = name
+        if self.input_of.setdefault(name, key) != key:
+            raise TloraError(
+                f"{name} read a different input from one sample to the next; this model cannot be calibrated"
+            )
+        return key, first
+
+    def end_forward(self) -> None:
+        self.live.clear()
+
+
+def accumulate_xtx(acc: dict[str, torch.Tensor], key: str, x: torch.Tensor, center: bool) -> None:
+    """Add X^T X of one sample's (tokens x in) input in float32, never in the model's bf16."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()
+    if center:
+        flat = flat - flat.mean(dim=0, keepdim=True)
+    if key in acc:
+        acc[key].addmm_(flat.T, flat)
+    else:
+        acc[key] = flat.T @ flat
+
+
+def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in acc:
+        acc[name].add_(value)
+    else:
+        acc[name] = value.clone()
+
+
+class Collector:
+    """Registers the statistics' hooks on target modules and finishes what they summed.
+
+    `center`: per-sample centred covariance (else the second moment); `covariances=False` skips X^T X
+    (methods that never read C); `gradients=True` adds LoRA-DA's mean gradients and output-gradient moments.
+    """
+
+    def __init__(self, center: bool, covariances: bool, gradients: bool, dtype: torch.dtype):
+        self.center, self.covariances, self.gradients, self.dtype = center, covariances, gradients, dtype
+        self.groups = InputGroups()
+        self.cov_sum: dict[str, torch.Tensor] = {}
+        self.score_sum: dict[str, torch.Tensor] = {}
+        self.grad_sum: dict[str, torch.Tensor] = {}
+        self.out_sq_sum: dict[str, torch.Tensor] = {}
+
+    @property
+    def input_of(self) -> dict[str, str]:
+        return dict(self.groups.input_of)
+
+    @contextlib.contextmanager
+    def watching_inputs(self, modules: Mapping[str, torch.nn.Module], covariances: bool = True) -> Iterator[None]:
+        """Forward pre-hooks: which modules share an input and, unless switched off, X^T X per distinct input."""
+        keep = self.covariances and covariances
+
+        def hook_for(name: str) -> Callable:
+            def hook(_module: torch.nn.Module, args: tuple) -> None:
+                key, first = self.groups.key(name, args[0])
+                if first and keep:
+                    accumulate_xtx(self.cov_sum, key, args[0], self.center)
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def end_forward(self) -> None:
+        """Call after each forward: the tensors seen in it may be freed and their ids reused."""
+        self.groups.end_forward()
+
+    @contextlib.contextmanager
+    def watching_gradients(self, modules: Mapping[str, torch.nn.Module]) -> Iterator[None]:
+        """Each weight's gradient reduced to its score (and moments) as it lands, then freed at once."""
+        handles = []
+        for name, module in modules.items():
+            weight = module.weight
+            weight.requires_grad_(True)
+            self.score_sum[name] = torch.zeros((), dtype=torch.float64, device=weight.device)
+            handles.append(weight.register_post_accumulate_grad_hook(self._score_hook(name)))
+            if self.gradients:
+                handles.append(module.register_forward_hook(self._output_hook(name)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module in modules.values():
+                module.weight.requires_grad_(False)
+                module.weight.grad = None
+
+    def _score_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        """Post-accumulate-grad hook: add mean|W * dL_n/dW| to the score, then free the gradient."""
+        total = self.score_sum[name]
+
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if self.gradients:
+                _add(self.grad_sum, name, grad.detach().float())
+            if grad.dtype not in (torch.float32, torch.float64):
+                grad = grad.float()  # a bf16 product would lose the score's low bits
+            # In place on the gradient, which is freed here anyway: no temporaries, ten times faster than a
+            # product, its abs and a float64 mean (float32's pairwise sum is accurate to ~1e-7).
+            total.add_(grad.mul_(param.detach()).abs_().sum(), alpha=1 / grad.numel())
+            param.grad = None
+
+        return hook
+
+    def _output_hook(self, name: str) -> Callable:
+        """Forward hook: square the gradient that will reach the module's output, summed over tokens."""
+
+        def add(grad: torch.Tensor) -> None:
+            _add(self.out_sq_sum, name, grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
+
+        def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(add)
+
+        return hook
+
+    def check_finite(self, fallback: str | None = None) -> None:
+        """Raise naming the first input whose covariance holds a NaN or inf (or `fallback` when none does)."""
+        bad = next(
+            (k for k, c in self.cov_sum.items() if not torch.isfinite(c.sum()) and not torch.isfinite(c).all()),
+            fallback,
+        )  # a NaN or inf makes the sum non-finite; only then is every entry looked at (the sum may overflow)
+        if bad:
+            hint = " (float16 overflows easily: try --dtype bfloat16 or float32)" if self.dtype == torch.float16 else ""
+            raise TloraError(f"NaN or inf in the activations entering {bad}{hint}; check the model's weights")
+
+    def finish(self, num_samples: int, num_tokens: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+        """Every sum held so far as a mean, handed over and no longer held: ({kind: {key: tensor}}, scores).
+
+        Covariances are X^T X / tokens, scores and mean gradients per sample, output-gradient moments per token.
+        """
+        self.check_finite()
+        tensors = {"covariances": {k: self.cov_sum.pop(k).div_(num_tokens) for k in list(self.cov_sum)}}
+        if self.gradients:
+            tensors["mean_grads"] = {k: self.grad_sum.pop(k) / num_samples for k in list(self.grad_sum)}
+            tensors["output_grad_sq"] = {k: self.out_sq_sum.pop(k) / num_tokens for k in list(self.out_sq_sum)}
+        scores = {k: self.score_sum.pop(k).item() / num_samples for k in list(self.score_sum)}
+        return tensors, scores
+
+
+def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
+    """Mean next-token cross-entropy of one sample over its loss tokens (batch of one)."""
+    targets = labels[0, 1:]
+    if not (targets != -100).any():
+        raise TloraError(f"calibration sample {index} has no token to predict: it needs at least 2 tokens")
+    return F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100)

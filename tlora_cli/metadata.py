@@ -1,0 +1,81 @@
+"""What the tool records about a run beside the adapter (tlora_metadata.json), kept out of adapter_config.json."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from . import __version__
+from .allocation import ModuleAllocation
+from .calib.folder import Calibration
+from .methods import InitOptions
+from .options import RELEASED_NUM_SAMPLES
+
+
+def covariance_kind(center: bool) -> str:
+    return "covariance centred per sample" if center else "uncentred second moment"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"tlora": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "safetensors", "peft", "huggingface-hub", "datasets"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def metadata(
+    calibration: Calibration,
+    allocations: list[ModuleAllocation],
+    allocation: dict,
+    init: InitOptions,
+    adapter_dtype: torch.dtype,
+    timings: dict,
+) -> dict:
+    """Everything the tool knows about the run (SPEC.md)."""
+    reads_covariance = init.spec.covariances
+    return {
+        "tool": "tlora",
+        "method": init.method,
+        "train_a": init.trains_a,
+        **init.recorded(),
+        "recipe": init.recipe,
+        **({"released_recipe": released_departures(calibration, allocations)} if init.recipe == "released" else {}),
+        "covariance": covariance_kind(calibration.settings.get("center", False)) if reads_covariance else None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": calibration.model,
+        "data": calibration.data,
+        "calibration": {
+            **calibration.settings,
+            "num_samples": calibration.stats.num_samples,
+            "num_tokens": calibration.stats.num_tokens,
+        },
+        "allocation": allocation,
+        "adapter_dtype": str(adapter_dtype).removeprefix("torch."),
+        "modules": [a.as_dict() for a in allocations],
+        "versions": package_versions(),
+        "timings": timings,
+    }
+
+
+def released_departures(calibration: Calibration, allocations: list[ModuleAllocation]) -> dict:
+    """What `--recipe released` changed from the default, and where this run still differs from the released code."""
+    differs = ["covariance accumulated in float32 (the released code accumulates in bfloat16)"]
+    if calibration.stats.num_samples != RELEASED_NUM_SAMPLES:
+        differs.append(f"{calibration.stats.num_samples} samples (the released code uses {RELEASED_NUM_SAMPLES})")
+    left_out = [a.name for a in allocations if not a.rank]
+    if left_out:
+        differs.append(f"{len(left_out)} modules with rank 0 left out (the released code builds rank-0 layers)")
+    return {
+        "changed_from_default": [
+            "ranks: round(R p_i), the leftover to the module with the largest rank (default: largest remainder)",
+            "scaling: max(alpha, round(alpha_total p_i)) / r_init (default: alpha_total p_i / r_init)",
+            "A trained with B (default: A frozen)",
+            f"{RELEASED_NUM_SAMPLES} samples unless --num-samples says otherwise (default: 32)",
+        ],
+        "differs_from_released": differs,
+    }
