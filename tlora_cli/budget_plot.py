@@ -18,7 +18,7 @@ from rich.text import Text
 
 from .adapter import METADATA
 from .errors import TloraError
-from .report import _table
+from .report import print_method, totals_table
 
 LAYER = re.compile(r"^(?P<before>.*?)\.(?P<layer>\d+)\.(?P<after>.+)$")
 # viridis at 8 stops: dark (small) to yellow (large); readable on dark and light terminals alike.
@@ -144,11 +144,7 @@ def heatmap(summary: dict) -> Table:
 
 def print_picture(summary: dict, console: Console) -> None:
     """`tlora inspect` without --modules: the heatmap, a legend line and the totals."""
-    t, u = summary["totals"], summary["uniform_lora"]
-    if summary["method"]:
-        a_state = "trained" if summary["train_a"] else "frozen"
-        covariance = f", covariance {summary['covariance']}" if summary["covariance"] else ""
-        console.print(f"method {summary['method']}, recipe {summary['recipe']}{covariance}, A {a_state} in training")
+    print_method(summary, console)
     console.print(f"{summary['adapter']} (base: {summary['base_model']})", highlight=False)
     grid = budget_grid(summary)
     ranks, scalings = grid.values("rank"), grid.values("scaling")
@@ -163,28 +159,7 @@ def print_picture(summary: dict, console: Console) -> None:
             ),
         )
     )
-    console.print(
-        _table(
-            "Totals",
-            ["", "modules", "rank", "trainable (B only)", "trainable (A+B)"],
-            [
-                [
-                    "this adapter",
-                    f"{len(summary['modules'])}/{summary['targets']}",
-                    f"{t['rank']:,}",
-                    f"{t['params_b']:,}",
-                    f"{t['params_ab']:,}",
-                ],
-                [
-                    f"uniform LoRA r={u['rank']}",
-                    f"{summary['targets']}/{summary['targets']}",
-                    f"{u['rank'] * summary['targets']:,}",
-                    f"{u['params_b']:,}",
-                    f"{u['params_ab']:,}",
-                ],
-            ],
-        )
-    )
+    console.print(totals_table(summary))
 
 
 def has_matplotlib() -> bool:

@@ -155,12 +155,41 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     return table
 
 
-def print_summary(summary: dict, console: Console) -> None:
-    t, u = summary["totals"], summary["uniform_lora"]
+def print_method(summary: dict, console: Console) -> None:
+    """How the adapter was made, in one line (nothing for an adapter without tlora's metadata)."""
     if summary["method"]:
         a_state = "trained" if summary["train_a"] else "frozen"
         covariance = f", covariance {summary['covariance']}" if summary["covariance"] else ""
         console.print(f"method {summary['method']}, recipe {summary['recipe']}{covariance}, A {a_state} in training")
+
+
+def totals_table(summary: dict) -> Table:
+    """This adapter's totals beside uniform LoRA at the same r over every target."""
+    t, u = summary["totals"], summary["uniform_lora"]
+    return _table(
+        "Totals",
+        ["", "modules", "rank", "trainable (B only)", "trainable (A+B)"],
+        [
+            [
+                "this adapter",
+                f"{len(summary['modules'])}/{summary['targets']}",
+                f"{t['rank']:,}",
+                f"{t['params_b']:,}",
+                f"{t['params_ab']:,}",
+            ],
+            [
+                f"uniform LoRA r={u['rank']}",
+                f"{summary['targets']}/{summary['targets']}",
+                f"{u['rank'] * summary['targets']:,}",
+                f"{u['params_b']:,}",
+                f"{u['params_ab']:,}",
+            ],
+        ],
+    )
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    print_method(summary, console)
     console.print(
         _table(
             f"{summary['adapter']} (base: {summary['base_model']})",
@@ -178,28 +207,7 @@ def print_summary(summary: dict, console: Console) -> None:
             ],
         )
     )
-    console.print(
-        _table(
-            "Totals",
-            ["", "modules", "rank", "trainable (B only)", "trainable (A+B)"],
-            [
-                [
-                    "this adapter",
-                    f"{len(summary['modules'])}/{summary['targets']}",
-                    f"{t['rank']:,}",
-                    f"{t['params_b']:,}",
-                    f"{t['params_ab']:,}",
-                ],
-                [
-                    f"uniform LoRA r={u['rank']}",
-                    f"{summary['targets']}/{summary['targets']}",
-                    f"{u['rank'] * summary['targets']:,}",
-                    f"{u['params_b']:,}",
-                    f"{u['params_ab']:,}",
-                ],
-            ],
-        )
-    )
+    console.print(totals_table(summary))
     for title, key in (("Budget per layer", "by_layer"), ("Budget per module type", "by_type")):
         console.print(
             _table(
