@@ -125,7 +125,7 @@ def test_every_a_spans_the_float64_svd_subspace_on_smollm2(center: str, tmp_path
         similarity = (torch.linalg.matrix_norm(vh[:rank] @ q) ** 2 / rank).item()
         assert similarity >= 0.9999, (name, rank, similarity)
         checked += 1
-    assert checked > 0.8 * sum(1 for r in ranks.values() if r)
+    assert checked >= 20, checked  # most modules have a gap at their rank; the check must bite
 
 
 @pytest.mark.slow
