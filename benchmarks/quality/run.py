@@ -482,6 +482,11 @@ def main() -> None:
     parser.add_argument("--gen-batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
+        "--shared-lr",
+        type=float,
+        help="Also train and test every arm at this one rate on every seed (the shared-rate comparison).",
+    )
+    parser.add_argument(
         "--threads", type=int, default=2, help="torch threads; 1 runs faster on a machine whose other core is busy."
     )
     parser.add_argument("--import-from", type=Path, help="A results file under the same protocol to take runs from.")
@@ -498,7 +503,7 @@ def main() -> None:
     protocol = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms", "threads")
+        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms", "threads", "shared_lr")
     }
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if results.get("protocol", protocol) != protocol:
@@ -522,6 +527,11 @@ def main() -> None:
         for arm in args.arms:
             experiment.train(arm, results["selected"][arm], seed)
             experiment.test(arm, results["selected"][arm], seed)
+    if args.shared_lr is not None:  # arm by arm, so a cut-off run has whole arms at the shared rate
+        for arm in args.arms:
+            for seed in args.seeds:
+                experiment.train(arm, args.shared_lr, seed)
+                experiment.test(arm, args.shared_lr, seed)
 
 
 if __name__ == "__main__":
