@@ -6,6 +6,7 @@ commands share are declared once, as a group function whose parameters `with_fla
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -185,17 +186,6 @@ def _root(
     """Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter."""
 
 
-def _check_push(repo_id: str | None, private: bool, create_pr: bool) -> None:
-    if repo_id is None and (private or create_pr):
-        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
-
-
-def _push(out: Path, repo_id: str | None, private: bool, create_pr: bool, reporter: Reporter) -> None:
-    _check_push(repo_id, private, create_pr)
-    if repo_id is not None:
-        reporter.info(f"pushed {out} to {push_folder(out, repo_id, private, create_pr)}")
-
-
 def with_flags(*groups: Callable[..., Any]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Each parameter of the command named after a group stands for that group's flags: the command gets
     them in its place on the command line, and is called with what the group returns from them."""
@@ -225,6 +215,26 @@ def with_flags(*groups: Callable[..., Any]) -> Callable[[Callable[..., None]], C
         return run
 
     return decorate
+
+
+@dataclasses.dataclass
+class Publish:
+    """Where OUT goes once written (--push-to-hub); parsed, and so checked, before any work starts."""
+
+    repo_id: str | None
+    private: bool
+    create_pr: bool
+
+    def push(self, out: Path, reporter: Reporter) -> None:
+        if self.repo_id is not None:
+            reporter.info(f"pushed {out} to {push_folder(out, self.repo_id, self.private, self.create_pr)}")
+
+
+def publish_flags(push_to_hub: PushToHub = None, private: Private = False, create_pr: CreatePr = False) -> Publish:
+    """The hub flags that init and export share."""
+    if push_to_hub is None and (private or create_pr):
+        raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
+    return Publish(push_to_hub, private, create_pr)
 
 
 def data_flags(
@@ -314,7 +324,7 @@ def allocate_command(
 
 
 @app.command("init")
-@with_flags(data_flags, allocation_flags, calibration_flags)
+@with_flags(data_flags, allocation_flags, calibration_flags, publish_flags)
 def init_command(
     *,
     out: Annotated[Path, typer.Option("--out", "-o", help="Adapter directory to write.")],
@@ -337,12 +347,9 @@ def init_command(
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
-    push_to_hub: PushToHub = None,
-    private: Private = False,
-    create_pr: CreatePr = False,
+    publish_flags: Publish,
 ) -> None:
     """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
-    _check_push(push_to_hub, private, create_pr)
     reporter = Reporter(quiet)
     run_init(
         out,
@@ -357,7 +364,7 @@ def init_command(
         overwrite,
         reporter,
     )
-    _push(out, push_to_hub, private, create_pr, reporter)
+    publish_flags.push(out, reporter)
 
 
 data_app = typer.Typer(help="The calibration datasets tlora knows, and samples as the model sees them.")
@@ -424,7 +431,9 @@ def inspect_command(
 
 
 @app.command("export")
+@with_flags(publish_flags)
 def export_command(
+    *,
     adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (tlora's, or a trained one).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
     fmt: Annotated[
@@ -447,12 +456,9 @@ def export_command(
     revision: Revision = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
-    push_to_hub: PushToHub = None,
-    private: Private = False,
-    create_pr: CreatePr = False,
+    publish_flags: Publish,
 ) -> None:
     """An adapter as inference servers read it (vLLM, SGLang/TGI/LoRAX), or merged into its base model."""
-    _check_push(push_to_hub, private, create_pr)
     reporter = Reporter(quiet)
     result = export(
         adapter_dir,
@@ -470,7 +476,7 @@ def export_command(
         reporter.warn(warning)
     for hint in result.hints:
         reporter.info(hint)
-    _push(out, push_to_hub, private, create_pr, reporter)
+    publish_flags.push(out, reporter)
 
 
 def quiet_libraries() -> None:
