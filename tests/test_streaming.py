@@ -334,3 +334,19 @@ def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
         assert list(offload.iterdir()) == []
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
         assert "interrupted" in proc.stderr.read()
+
+
+def test_a_checkpoint_opens_each_shard_once_however_many_tensors_it_reads(model_factory, monkeypatch):
+    """Every open parses a shard's header again; a layer's tensors are read one by one from the same shard."""
+    import tlora_cli.model_io as model_io
+
+    opened: list[Path] = []
+    original = model_io.safe_open
+    monkeypatch.setattr(model_io, "safe_open", lambda file, fw: opened.append(file) or original(file, fw))
+    checkpoint = model_io.Checkpoint(model_factory("llama"))
+    shards = set(checkpoint.files.values())
+    assert len(shards) > 1  # the tiny models are saved sharded
+    for name in checkpoint.names():
+        checkpoint.get(name)
+    assert checkpoint.fingerprint
+    assert sorted(opened) == sorted(shards)

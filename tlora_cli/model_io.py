@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -88,6 +89,10 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     return DTYPES.get(str(name), torch.float32)
 
 
+def _shard_error(file: Path, e: Exception) -> TloraError:
+    return TloraError(f"cannot read checkpoint shard {file}: {e}; re-download the model".splitlines()[0])
+
+
 @contextlib.contextmanager
 def open_shard(file: Path) -> Iterator:
     """safe_open with a one-line error for a truncated or corrupt shard."""
@@ -95,7 +100,7 @@ def open_shard(file: Path) -> Iterator:
         with safe_open(file, "pt") as f:
             yield f
     except (SafetensorError, OSError) as e:
-        raise TloraError(f"cannot read checkpoint shard {file}: {e}; re-download the model".splitlines()[0]) from e
+        raise _shard_error(file, e) from e
 
 
 class Checkpoint:
@@ -103,6 +108,7 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
+        self.handles: dict[Path, Any] = {}
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -117,8 +123,8 @@ class Checkpoint:
                 raise TloraError(f"{index} names a shard outside the model folder ({outside[0]}): re-download it")
             self.files = {name: path / file for name, file in weight_map.items()}
         elif (path / "model.safetensors").is_file():
-            with open_shard(path / "model.safetensors") as f:
-                self.files = {name: path / "model.safetensors" for name in f.keys()}  # noqa: SIM118
+            single = path / "model.safetensors"
+            self.files = {name: single for name in self.shard(single).keys()}  # noqa: SIM118
         else:
             raise TloraError(
                 f"{path} has no safetensors weights (model.safetensors or an index): "
@@ -131,13 +137,22 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def shard(self, file: Path) -> Any:
+        """The shard's reader, opened once and kept (as mergekit does): a layer's dozen tensors come from the
+        same shard, and every open parses its header again. A reader maps the file; it holds no tensor."""
+        if file not in self.handles:
+            try:
+                self.handles[file] = safe_open(file, "pt")
+            except (SafetensorError, OSError) as e:
+                raise _shard_error(file, e) from e
+        return self.handles[file]
+
     def get(self, name: str, shape: torch.Size | None = None) -> torch.Tensor:
         """One tensor; with `shape`, a one-line error when the checkpoint's differs (config.json disagrees)."""
-        with open_shard(self.files[name]) as f:
-            try:
-                tensor = f.get_tensor(name)
-            except (SafetensorError, RuntimeError) as e:
-                raise TloraError(f"cannot read {name} from {self.files[name]}: {e}".splitlines()[0]) from e
+        try:
+            tensor = self.shard(self.files[name]).get_tensor(name)
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise TloraError(f"cannot read {name} from {self.files[name]}: {e}".splitlines()[0]) from e
         if shape is not None and tuple(tensor.shape) != tuple(shape):
             raise TloraError(
                 f"the checkpoint's {name} has shape {list(tensor.shape)}, but config.json makes it {list(shape)}: "
@@ -151,10 +166,14 @@ class Checkpoint:
         for name in sorted(self.files):
             by_file.setdefault(self.files[name], []).append(name)
         for file, names in sorted(by_file.items()):
-            with open_shard(file) as f:
-                for name in names:
+            f = self.shard(file)
+            for name in names:
+                try:
                     piece = f.get_slice(name)
-                    yield name, (piece[0:1] if piece.get_shape() else f.get_tensor(name))
+                    row = piece[0:1] if piece.get_shape() else f.get_tensor(name)
+                except (SafetensorError, RuntimeError, OSError) as e:
+                    raise _shard_error(file, e) from e
+                yield name, row
 
     @cached_property
     def fingerprint(self) -> str:
