@@ -13,15 +13,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .calib.statistics import KINDS, kinds_for
 from .errors import TloraError
 
 # What a module name can hold (dots between parts); anything else could make a path leave the folder.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-_LAYOUT = {  # kind -> (subfolder, tensor name, shape of one module's tensor from (out, in))
-    "covariance": ("covariances", "covariance", lambda out, inp: (inp, inp)),
-    "mean_grad": ("mean_gradients", "mean_grad", lambda out, inp: (out, inp)),
-    "output_grad_sq": ("output_gradient_moments", "output_grad_sq", lambda out, inp: (out,)),
-}
 
 
 def _damaged(path: Path, why: str) -> TloraError:
@@ -78,17 +74,18 @@ def check_manifest(manifest: object, path: Path) -> None:
             raise _damaged(path, f"modules {key} and {m['name']} share an input but not its width")
 
 
+def manifest_kinds(manifest: dict) -> tuple[str, ...]:
+    """The statistics a calibration folder holds: the covariances, and the gradient ones if it says so."""
+    return kinds_for(bool(manifest.get("gradients")))
+
+
 def check_files(folder: Path, manifest: dict) -> None:
     """Every tensor file the manifest needs: inside the folder, the right tensor, the right shape."""
     modules = manifest["modules"]
-    kinds = ["covariance"] + (["mean_grad", "output_grad_sq"] if manifest.get("gradients") else [])
     root = folder.resolve()
-    for kind in kinds:
-        subfolder, field, shape_of = _LAYOUT[kind]
-        wanted = {}
-        for m in modules:
-            key = m["input"] if kind == "covariance" else m["name"]
-            wanted[key] = shape_of(*m["shape"])
+    for kind in manifest_kinds(manifest):
+        subfolder, field = KINDS[kind].folder, KINDS[kind].field
+        wanted = {m["input"] if KINDS[kind].per_input else m["name"]: KINDS[kind].shape(*m["shape"]) for m in modules}
         for key, shape in wanted.items():
             path = folder / subfolder / f"{key}.safetensors"
             if not path.resolve().is_relative_to(root):

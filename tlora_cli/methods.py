@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calib.statistics import Statistics
+from .calib.statistics import GRADIENT_KINDS, Statistics
 from .errors import TloraError
 from .factorisation import lora_da_a, random_a, theory_a, tlora_a, w_svd_a
 
@@ -108,7 +108,7 @@ class Method:
 
 
 def check_gradients(stats: Statistics) -> None:
-    if stats.mean_grads is None or stats.output_grad_sq is None:
+    if any(kind not in stats.tensors for kind in GRADIENT_KINDS):
         raise TloraError(
             "--method lora-da needs gradient statistics: calibrate with `tlora calibrate --gradients`, "
             "or run `tlora init --method lora-da` without --calibration"
@@ -123,7 +123,7 @@ def _random(m: ModuleInputs) -> torch.Tensor:
 def _lora_da(m: ModuleInputs) -> torch.Tensor:
     check_gradients(m.stats)
     cov = m.covariance()
-    grad, out_sq = m.stats.mean_grads[m.name].to(m.device), m.stats.output_grad_sq[m.name].to(m.device)
+    grad, out_sq = (m.stats.tensors[kind][m.name].to(m.device) for kind in GRADIENT_KINDS)
     o = m.options
     try:
         return lora_da_a(cov, out_sq, grad, m.rank, o.lora_da_beta, o.lora_da_population, o.damping)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,36 +12,57 @@ from ..targets import Target
 from .store import TensorStore
 
 
+@dataclass(frozen=True)
+class Kind:
+    """A tensor statistic: its subfolder and tensor name in a calibration folder, what keys it, its shape."""
+
+    folder: str
+    field: str
+    per_input: bool  # keyed by the input (modules reading one input share it), else by module
+    shape: Callable[[int, int], tuple[int, ...]]  # of one key's tensor, from the module's (out, in)
+
+
+# Every tensor statistic calibration can produce. A new one is a collector hook whose sums `finish()` hands
+# over under a new name here; stores, the calibration folder and its checks follow from this table.
+KINDS: dict[str, Kind] = {
+    "covariances": Kind("covariances", "covariance", True, lambda out, inp: (inp, inp)),
+    # LoRA-DA only (docs/lora-da.md section 3): per module, the mean over samples of dL_n/dW, and
+    # diag E[g g^T] of the gradients g reaching the module's output, averaged over tokens.
+    "mean_grads": Kind("mean_gradients", "mean_grad", False, lambda out, inp: (out, inp)),
+    "output_grad_sq": Kind("output_gradient_moments", "output_grad_sq", False, lambda out, inp: (out,)),
+}
+GRADIENT_KINDS = ("mean_grads", "output_grad_sq")
+
+
+def kinds_for(gradients: bool) -> tuple[str, ...]:
+    return ("covariances", *GRADIENT_KINDS) if gradients else ("covariances",)
+
+
 @dataclass
 class Statistics:
-    """What calibration measures; covariances are keyed by the first module that reads each input."""
+    """What calibration measures: scores per module and `tensors` by kind (KINDS), each a mapping by key."""
 
     targets: list[Target]
     input_of: dict[str, str]
-    covariances: Mapping[str, torch.Tensor]
+    tensors: dict[str, Mapping[str, torch.Tensor]]
     scores: dict[str, float]
     num_samples: int
     num_tokens: int
-    # LoRA-DA only (docs/lora-da.md section 3): per module, the mean over samples of dL_n/dW, and
-    # diag E[g g^T] of the gradients g reaching the module's output, averaged over tokens.
-    mean_grads: Mapping[str, torch.Tensor] | None = None
-    output_grad_sq: Mapping[str, torch.Tensor] | None = None
+
+    @property
+    def covariances(self) -> Mapping[str, torch.Tensor]:
+        """Keyed by the first module that reads each input."""
+        return self.tensors["covariances"]
 
 
-@dataclass
-class StatisticStores:
-    """Where finished statistics go as soon as a layer (or the whole model) is done: memory or files."""
-
-    covariances: TensorStore
-    mean_grads: TensorStore | None = None
-    output_grad_sq: TensorStore | None = None
+class StatisticStores(dict[str, TensorStore]):
+    """Where finished statistics go, by kind, as soon as a layer (or the whole model) is done: memory or files."""
 
     def put(self, finished: Mapping[str, dict[str, torch.Tensor]]) -> None:
         """Move every finished tensor into its store, popping it so no name holds it into the next layer."""
         for kind, tensors in finished.items():
-            store = getattr(self, kind)
             for key in list(tensors):
-                store.put(key, tensors.pop(key))
+                self[kind].put(key, tensors.pop(key))
 
     def statistics(
         self,
@@ -52,13 +73,14 @@ class StatisticStores:
         covariances: Mapping[str, torch.Tensor] | None = None,
     ) -> Statistics:
         """The Statistics over what these stores hold (`covariances` replaces theirs when given)."""
+        tensors: dict[str, Mapping[str, torch.Tensor]] = dict(self)
+        if covariances is not None:
+            tensors["covariances"] = covariances
         return Statistics(
             targets=targets,
             input_of=input_of,
-            covariances=self.covariances if covariances is None else covariances,
+            tensors=tensors,
             scores=scores,
             num_samples=len(samples),
             num_tokens=sum(len(s.input_ids) for s in samples),
-            mean_grads=self.mean_grads,
-            output_grad_sq=self.output_grad_sq,
         )

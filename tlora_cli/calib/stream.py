@@ -162,7 +162,8 @@ def stream_statistics(
             for index in range(num_layers):
                 finished = walk.forward_layer(index, covariances=not recompute)
                 if index == 0:
-                    held = 0 if stores.covariances.folder else sum(c.nbytes for c in finished["covariances"].values())
+                    in_memory = stores["covariances"].folder is None
+                    held = sum(c.nbytes for c in finished["covariances"].values()) if in_memory else 0
                     recompute = covariances_too_big(walk.inputs.host_bytes(1), held, num_layers, reporter)
                     if recompute:
                         finished = {}
