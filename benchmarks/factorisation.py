@@ -114,8 +114,7 @@ def llama_down_proj(ranks: list[int]) -> list[list[object]]:
     cov = (cov + torch.diag(1e-6 * torch.rand(in_f, generator=g, dtype=torch.float64))).float()
     product = weight.double() @ cov.double()
     rows = []
-    _, full64 = timed(lambda: torch.linalg.svd(product, full_matrices=False))
-    reference_all = torch.linalg.svd(product, full_matrices=False)[2]
+    reference_all, full64 = timed(lambda: torch.linalg.svd(product, full_matrices=False)[2])
     full32, full32_s = timed(lambda: torch.linalg.svd((weight @ cov), full_matrices=False)[2])
     for rank in ranks:
         reference = reference_all[:rank]
