@@ -141,3 +141,24 @@ def test_released_recipe_takes_256_samples_unless_told(model_factory, tmp_path, 
     assert load_calibration(out).stats.num_samples == 256
     assert run_cli(*args, "--overwrite").code == 0
     assert load_calibration(out).stats.num_samples == 32
+
+
+def test_a_released_plan_needs_the_released_recipe_at_init_and_then_equals_one_go(
+    model_factory, data_file, tmp_path, run_cli
+):
+    """The recipe decides more than the plan's ranks and alphas (A trains): init may not quietly drop it."""
+    model_dir = model_factory("llama")
+    common = ["--model", model_dir, "--data", data_file, "--num-samples", N, "--seq-len", T, "-q"]
+    assert run_cli("init", *common, "--recipe", "released", "-o", tmp_path / "one-go").code == 0
+    assert run_cli("calibrate", *common, "--recipe", "released", "-o", tmp_path / "calib").code == 0
+    plan = tmp_path / "plan.json"
+    assert run_cli("allocate", tmp_path / "calib", "--recipe", "released", "-o", plan, "-q").code == 0
+    staged = ["init", "--calibration", tmp_path / "calib", "--plan", plan, "-q"]
+    result = run_cli(*staged, "-o", tmp_path / "forgot")
+    assert result.code == 1 and "--recipe released" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "forgot").exists()
+    assert run_cli(*staged, "--recipe", "released", "-o", tmp_path / "staged").code == 0
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "one-go" / file).read_bytes() == (tmp_path / "staged" / file).read_bytes()
+    metadata = json.loads((tmp_path / "staged" / "tlora_metadata.json").read_text())
+    assert metadata["released_recipe"] and metadata["train_a"] is True

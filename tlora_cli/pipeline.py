@@ -39,7 +39,7 @@ from .model_io import (
 from .options import AllocationOptions, CalibrationOptions
 from .output import atomic_dir, atomic_file
 from .ownership import run_inputs
-from .plan import read_plan, write_plan
+from .plan import check_plan_recipe, read_plan, write_plan
 from .progress import Reporter
 from .targets import find_targets, parse_suffixes
 
@@ -332,6 +332,7 @@ def run_init(
     """
     if plan:
         allocation.check_with_plan()
+        check_plan_recipe(plan, init.recipe)
     if calibration_dir and data != DataOptions():
         raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
     data.check()

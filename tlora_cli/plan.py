@@ -39,8 +39,7 @@ def write_plan(path: Path, allocations: list[ModuleAllocation], settings: dict, 
     path.write_text(text + "\n")
 
 
-def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list[ModuleAllocation], dict]:
-    """Read a (possibly hand-edited) plan; only name, rank and alpha are taken from each module."""
+def _document(path: Path) -> dict:
     if not path.is_file():
         raise TloraError(f"plan {path} is not a file: pass the JSON file `tlora allocate` wrote")
     try:
@@ -53,6 +52,21 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
         raise TloraError(f"plan {path} is not a readable JSON text: fix it or rerun `tlora allocate`") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("modules"), list):
         raise TloraError(f"{path} is not a tlora plan (format {FORMAT}): make one with `tlora allocate`")
+    if not isinstance(doc.get("settings", {}), dict):
+        raise TloraError(f'plan {path}: "settings" is not a JSON object; rerun `tlora allocate`')
+    return doc
+
+
+def check_plan_recipe(path: Path, recipe: str) -> None:
+    """Before any work: the recipe decides more than ranks and alphas (whether A trains, what is recorded)."""
+    made_with = _document(path).get("settings", {}).get("recipe", "default")
+    if made_with != recipe:
+        raise TloraError(f"plan {path} was made with --recipe {made_with}: pass --recipe {made_with} to init as well")
+
+
+def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list[ModuleAllocation], dict]:
+    """Read a (possibly hand-edited) plan; only name, rank and alpha are taken from each module."""
+    doc = _document(path)
     if doc.get("model_fingerprint") != fingerprint:
         raise TloraError(f"plan {path} was made for a different model than --model: rerun `tlora allocate`")
     entries = {m.get("name"): m for m in doc["modules"] if isinstance(m, dict)}
@@ -72,10 +86,7 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
         out.append(ModuleAllocation(t.name, *t.shape, score, share, rank, float(alpha) if rank else 0.0))
     if not any(a.rank for a in out):
         raise TloraError(f"plan {path} gives every module rank 0: nothing to initialise")
-    settings = doc.get("settings", {})
-    if not isinstance(settings, dict):
-        raise TloraError(f'plan {path}: "settings" is not a JSON object; rerun `tlora allocate`')
-    return out, settings
+    return out, doc.get("settings", {})
 
 
 def _finite_field(module: dict, field: str, path: Path, name: str) -> float:

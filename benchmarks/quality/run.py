@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from tlora_cli.training import load_for_training
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import machine, tlora_script
 from math_problems import generate_problems
+from step_match import step_match
 
 QUALITY_DIR = Path(__file__).resolve().parent
 # Arm id -> (label, `tlora init` flags). The rank budget and alpha are added to every one.
@@ -51,6 +53,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "tlora-no-center": ("full TLoRA, --no-center (0.1's default)", ["--no-center"]),
     "tlora-released": ("TLoRA --recipe released (A trained)", ["--recipe", "released"]),
     "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
+    "tlora-step-match": ("full TLoRA, scalings matched to LoRA's step (step_match.py)", []),
     "lora-da": ("LoRA-DA (A frozen)", ["--method", "lora-da", "--uniform"]),
 }
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
@@ -297,6 +300,9 @@ def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> N
     if other["protocol"] != protocol:
         raise SystemExit(f"{path} was run under another protocol: its runs cannot be compared with these")
     results.setdefault("baseline", other["baseline"])
+    for key in ("calibration", "calibration_uncentred"):  # the same work folder's: calibrate() checks it is there
+        if key in other:
+            results.setdefault(key, other[key])
     for spec in arms:
         source, _, target = spec.partition(":")
         target = target or source
@@ -372,6 +378,9 @@ class Experiment:
                 ["init", "--calibration", str(calibration), *flags, "--seed", str(seed), "--device", "cpu",
                  "--quiet", "--overwrite", "-o", str(adapter)]
             )  # fmt: skip
+            if arm == "tlora-step-match":
+                factors = step_match(adapter, self.calibrate(centred=False))
+                command += f" && step_match.py (median factor {statistics.median(factors.values()):.3g})"
             self.results["inits"][init_key] = {"seconds": seconds, "command": command, **allocation_summary(adapter)}
             self.save()
         return init_key, adapter
@@ -486,6 +495,7 @@ def main() -> None:
         type=float,
         help="Also train and test every arm at this one rate on every seed (the shared-rate comparison).",
     )
+    parser.add_argument("--only-shared", action="store_true", help="With --shared-lr: no sweep, only that rate.")
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads; 1 runs faster on a machine whose other core is busy."
     )
@@ -500,11 +510,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `tlora` commands it runs
     (args.work_dir / "adapters").mkdir(parents=True, exist_ok=True)
-    protocol = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("work_dir", "results", "arms", "seeds", "import_from", "import_arms", "threads", "shared_lr")
-    }
+    not_protocol = {"work_dir", "results", "arms", "seeds", "import_from", "import_arms", "threads"}
+    not_protocol |= {"shared_lr", "only_shared"}
+    protocol = {k: v for k, v in vars(args).items() if k not in not_protocol}
     results = json.loads(args.results.read_text()) if args.results.is_file() else {}
     if results.get("protocol", protocol) != protocol:
         raise SystemExit(f"{args.results} holds runs under another protocol: move it away or pass the same flags")
@@ -519,11 +527,11 @@ def main() -> None:
     experiment.calibrate(centred=True)
     experiment.baseline()
     # Every arm's rate and its test score on the sweep seed first: a cut-off run still compares all arms on one seed.
-    for arm in args.arms:
+    for arm in [] if args.only_shared else args.arms:
         results["selected"][arm] = experiment.select_lr(arm)
         experiment.save()
         experiment.test(arm, results["selected"][arm], args.sweep_seed)
-    for seed in args.seeds:
+    for seed in [] if args.only_shared else args.seeds:
         for arm in args.arms:
             experiment.train(arm, results["selected"][arm], seed)
             experiment.test(arm, results["selected"][arm], seed)
