@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -17,12 +18,13 @@ import matplotlib.pyplot as plt
 from run import ARMS, QUALITY_DIR
 
 
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    """mean ± sample standard deviation over seeds (just the value when there is one seed)."""
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 3, sign: str = "") -> str:
+    """mean ± sample standard deviation over seeds (just the value when there is one seed); sign "+" for
+    differences."""
     mean = statistics.mean(values) * scale
     if len(values) < 2:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def lr_of(results: dict, run: dict) -> float:
@@ -33,11 +35,36 @@ def lr_of(results: dict, run: dict) -> float:
 def runs_by_arm(results: dict) -> dict[str, list[dict]]:
     """The runs that count: every seed at each arm's selected rate, scored on the test split."""
     selected = results.get("selected", {})
+    if not selected:  # the shared-rate protocol: every run counts
+        return runs_where(results, lambda run: True)
+    return runs_where(results, lambda run: lr_of(results, run) == selected.get(run["arm"]))
+
+
+def runs_where(results: dict, keep: Callable[[dict], bool]) -> dict[str, list[dict]]:
+    """Per arm, the runs scored on the test split that `keep` accepts, by seed."""
     by_arm: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for run in results["runs"].values():
-        if "heldout_loss" in run and (run["arm"] not in selected or lr_of(results, run) == selected[run["arm"]]):
+        if "heldout_loss" in run and keep(run):
             by_arm[run["arm"]].append(run)
     return {arm: sorted(runs, key=lambda r: r["seed"]) for arm, runs in by_arm.items() if runs}
+
+
+def shared_rate_table(results: dict, lr: float) -> str:
+    """Every arm scored at one rate (the protocol's extra runs at `--shared-lr`), paired with LoRA at it."""
+    by_arm = runs_where(results, lambda run: lr_of(results, run) == lr)
+    lora = {r["seed"]: r["heldout_loss"] for r in by_arm.get("lora", [])}
+    rows = [
+        f"| arm at lr {lr:g} | held-out loss | Δ loss vs LoRA (paired) | exact match % | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, runs in by_arm.items():
+        deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
+        rows.append(
+            f"| {ARMS[arm][0]} | {mean_std([r['heldout_loss'] for r in runs])} | "
+            f"{mean_std(deltas, digits=4, sign='+') if arm != 'lora' and deltas else ''} | "
+            f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {len(runs)} |"
+        )
+    return "\n".join(rows)
 
 
 def sweep(results: dict) -> dict[str, dict[float, float]]:
@@ -86,7 +113,7 @@ def main_table(results: dict) -> str:
         inits = [results["inits"][r["init"]]["seconds"] for r in runs]
         rows.append(
             f"| {ARMS[arm][0]} | {lr_of(results, runs[0]):g} | {mean_std([r['heldout_loss'] for r in runs])} | "
-            f"{mean_std(deltas, digits=4) if arm != 'lora' and deltas else ''} | "
+            f"{mean_std(deltas, digits=4, sign='+') if arm != 'lora' and deltas else ''} | "
             f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {runs[0]['trainable']:,} | "
             f"{calib_s:.0f} + {statistics.mean(inits):.0f} | {statistics.mean(r['train_s'] for r in runs):.0f} | "
             f"{cpu_seconds(runs)} | "
@@ -186,12 +213,11 @@ def main() -> None:
     results = json.loads(args.results.read_text())
     plot(results, args.plot, args.window)
     tables = [("Learning-rate sweep (validation loss)", sweep_table(results))] if sweep(results) else []
-    for title, table in (
-        *tables,
-        ("Results", main_table(results)),
-        ("Allocation", allocation_table(results)),
-        ("Every run", per_seed_table(results)),
-    ):
+    tables.append(("Results", main_table(results)))
+    if "shared_lr" in results:
+        tables.append(("At one shared rate", shared_rate_table(results, results["shared_lr"])))
+    tables += [("Allocation", allocation_table(results)), ("Every run", per_seed_table(results))]
+    for title, table in tables:
         print(f"### {title}\n\n{table}\n")
 
 
