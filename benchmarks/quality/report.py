@@ -49,6 +49,16 @@ def runs_where(results: dict, keep: Callable[[dict], bool]) -> dict[str, list[di
     return {arm: sorted(runs, key=lambda r: r["seed"]) for arm, runs in by_arm.items() if runs}
 
 
+def loss_cells(arm: str, runs: list[dict], lora: dict[int, float]) -> str:
+    """Held-out loss, its difference to LoRA paired by seed, and exact match: the cells every results table has."""
+    deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
+    return (
+        f"{mean_std([r['heldout_loss'] for r in runs])} | "
+        f"{mean_std(deltas, digits=4, sign='+') if arm != 'lora' and deltas else ''} | "
+        f"{mean_std([r['exact_match'] for r in runs], 100, 1)}"
+    )
+
+
 def shared_rate_table(results: dict, lr: float) -> str:
     """Every arm scored at one rate (the protocol's extra runs at `--shared-lr`), paired with LoRA at it."""
     by_arm = runs_where(results, lambda run: lr_of(results, run) == lr)
@@ -58,12 +68,7 @@ def shared_rate_table(results: dict, lr: float) -> str:
         "|---|---|---|---|---|",
     ]
     for arm, runs in by_arm.items():
-        deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
-        rows.append(
-            f"| {ARMS[arm][0]} | {mean_std([r['heldout_loss'] for r in runs])} | "
-            f"{mean_std(deltas, digits=4, sign='+') if arm != 'lora' and deltas else ''} | "
-            f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {len(runs)} |"
-        )
+        rows.append(f"| {ARMS[arm][0]} | {loss_cells(arm, runs, lora)} | {len(runs)} |")
     return "\n".join(rows)
 
 
@@ -109,12 +114,10 @@ def main_table(results: dict) -> str:
         f"{100 * base['exact_match']:.1f} | 0 | | | | {base['eval_s']:.0f} | |",
     ]
     for arm, runs in by_arm.items():
-        deltas = [r["heldout_loss"] - lora[r["seed"]] for r in runs if r["seed"] in lora]
         inits = [results["inits"][r["init"]]["seconds"] for r in runs]
         rows.append(
-            f"| {ARMS[arm][0]} | {lr_of(results, runs[0]):g} | {mean_std([r['heldout_loss'] for r in runs])} | "
-            f"{mean_std(deltas, digits=4, sign='+') if arm != 'lora' and deltas else ''} | "
-            f"{mean_std([r['exact_match'] for r in runs], 100, 1)} | {runs[0]['trainable']:,} | "
+            f"| {ARMS[arm][0]} | {lr_of(results, runs[0]):g} | {loss_cells(arm, runs, lora)} | "
+            f"{runs[0]['trainable']:,} | "
             f"{calib_s:.0f} + {statistics.mean(inits):.0f} | {statistics.mean(r['train_s'] for r in runs):.0f} | "
             f"{cpu_seconds(runs)} | "
             f"{statistics.mean(r['eval_s'] for r in runs):.0f} | {len(runs)} |"
