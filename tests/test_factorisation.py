@@ -171,13 +171,19 @@ def _ill_conditioned(m: int, n: int, rank: int, seed: int) -> torch.Tensor:
     return _with_spectrum(m, n, values, seed)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("shape", "rank"), [((64, 96), 9), ((1100, 1300), 9), ((1100, 1300), 40)])
-def test_ill_conditioned_products_match_the_float64_svd(shape, rank):
+def test_ill_conditioned_products_match_the_float64_svd(shape, rank, device):
     # float32 inputs, as a calibration holds them; the reference is a float64 SVD of the same product.
     w = _ill_conditioned(*shape, rank, seed=rank).float()
     c = torch.eye(shape[1])
     reference = torch.linalg.svd(w.double() @ c.double(), full_matrices=False)[2][:rank]
-    assert _subspace_overlap(tlora_a(w, c, rank), reference) >= 0.9999
+    a = tlora_a(w.to(device), c.to(device), rank)
+    assert a.device.type == device
+    assert _subspace_overlap(a.cpu(), reference) >= 0.9999
     # The case is hard: a float32 SVD misses the subspace on the larger shapes (what SPEC.md rules out).
     if min(shape) >= 1024:
         assert _subspace_overlap(torch.linalg.svd(w, full_matrices=False)[2][:rank], reference) < 0.9999
