@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .errors import Lost, Stopped, TloraError
 
 TIMEOUT_ENV = "TLORA_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600  # a hung rank stops the job after this long, not after NCCL's default of hours
+GRACE_S = 5.0
 LOST = "another rank stopped or was killed (its error, if any, is above); nothing was written"
 
 
@@ -157,6 +159,13 @@ def _from_env(device: str) -> Dist:
     return Dist(rank, world_size, backend, device)
 
 
+def _let_main_speak(dist: Dist) -> None:
+    """torchrun stops every rank as soon as one exits: a rank other than 0 waits a moment before it does,
+    so that rank 0 has said why every rank stopped (rank 0's own exit then ends this one)."""
+    if not dist.is_main:
+        time.sleep(GRACE_S)
+
+
 @contextlib.contextmanager
 def launched(device: str) -> Iterator[Dist]:
     """The ranks of this run (one, without torchrun) for the block; any rank's error stops them all.
@@ -170,6 +179,7 @@ def launched(device: str) -> Iterator[Dist]:
     try:
         yield dist
     except Stopped:
+        _let_main_speak(dist)
         raise
     except Exception as e:  # an interrupt passes: torchrun is stopping every rank anyway
         message = str(e) if isinstance(e, TloraError) else f"internal error: {type(e).__name__}: {e}"
@@ -179,6 +189,7 @@ def launched(device: str) -> Iterator[Dist]:
             pass  # the others are gone: this rank says it itself
         except Stopped as agreed:
             if isinstance(e, TloraError):
+                _let_main_speak(dist)
                 raise agreed from e  # rank 0 says it, for every rank
         raise  # the others are gone, or a bug that this rank shows as such too
     finally:
