@@ -57,11 +57,8 @@ def torchrun(k: int, *args: str | Path, script: Path | None = None, **env: str) 
 
 
 def init_args(model: Path, data: Path, out: Path, samples: int, *extra: str) -> list[str | Path]:
-    return ["init", "--model", model, "--data", data, "--num-samples", str(samples), "--seq-len", "24", "-q"] + [
-        *extra,
-        "-o",
-        out,
-    ]
+    common = ["init", "--model", model, "--data", data, "--num-samples", str(samples), "--seq-len", "24", "-q"]
+    return [*common, *extra, "-o", out]
 
 
 def subspace_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -180,9 +177,7 @@ def test_calibrate_under_torchrun_then_init_in_one_process(model_factory, data_f
     ],
     ids=["error", "late", "kill"],
 )
-def test_one_failing_rank_stops_every_rank_with_one_line_and_no_output(
-    mode, lines, model_factory, data_file, tmp_path
-):
+def test_one_failing_rank_stops_every_rank_with_one_line_and_no_output(mode, lines, model_factory, data_file, tmp_path):
     script, out = tmp_path / "failing.py", tmp_path / "out"
     script.write_text(FAILING)
     start = time.perf_counter()
