@@ -324,10 +324,14 @@ def run_calibrate(
     data.check()
     options.check()
     inputs = run_inputs(model, data.data, offload_dir=options.offload_dir)
-    with launched(pick_device(options.device)) as dist, _output(dist, out, overwrite, "calibration", inputs) as tmp:
+    with (
+        launched(pick_device(options.device)) as dist,
+        _output(dist, out, overwrite, "calibration", inputs) as tmp,
+        scratch_folder(None if tmp else options.offload_dir, "tlora-statistics-") as scratch,  # ranks but 0
+    ):
         options = dataclasses.replace(options, device=dist.device)
         source = ModelSource.open(model, revision)
-        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp, dist=dist)
+        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp or scratch, dist=dist)
         if tmp:
             save_calibration(calibration, tmp)
         dist.agree()  # no rank failed: rank 0 may put OUT in place
