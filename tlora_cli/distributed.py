@@ -2,7 +2,7 @@
 each factorises the modules it owns, and rank 0 gathers the A matrices and alone writes OUT.
 
 Without torchrun's environment (WORLD_SIZE unset or 1) there is one Dist of one process, no process group,
-and every method here is a no-op. Under torchrun every collective first agrees on errors: a rank that fails
+and every collective here is a no-op. Under torchrun every collective first agrees on errors: a rank that fails
 tells the others at their next collective, so that every rank stops with the same one line (said by rank 0)
 instead of waiting for a partner that will never come.
 """
@@ -22,13 +22,13 @@ import torch.distributed as td
 from .errors import Lost, Stopped, TloraError
 
 TIMEOUT_ENV = "TLORA_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 600  # a hung rank stops the job after this long, not after NCCL's default of hours
-GRACE_S = 5.0
+DEFAULT_TIMEOUT_S = 600  # a hung rank stops the job (a CI run) after this long
+GRACE_S = 5.0  # how long a rank other than 0 leaves rank 0 to say why they all stop
 LOST = "another rank stopped or was killed (its error, if any, is above); nothing was written"
 
 
 def is_main_process() -> bool:
-    """Rank 0 under torchrun, or a run without it: the process that prints and writes."""
+    """Global rank 0 under torchrun, or a run without it: the process that prints and writes."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -38,7 +38,7 @@ def timeout_seconds() -> float:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < 1e9:  # NaN and inf too
         raise TloraError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
     return seconds
 
