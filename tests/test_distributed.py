@@ -20,8 +20,8 @@ from reference import rel_err
 from safetensors.torch import load_file
 
 from tlora_cli.calib.folder import load_calibration
-from tlora_cli.distributed import LOST, Dist
-from tlora_cli.errors import Stopped
+from tlora_cli.distributed import LOST, TIMEOUT_ENV, Dist, timeout_seconds
+from tlora_cli.errors import Stopped, TloraError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,16 @@ def test_owners_balance_the_cost_largest_first():
     owners = Dist(0, 2).owner_of(costs)
     assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}  # loads 11 and 9: e goes to the lighter
     assert set(Dist().owner_of(costs).values()) == {0}
+
+
+def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch):
+    assert timeout_seconds() == 600
+    monkeypatch.setenv(TIMEOUT_ENV, "30")
+    assert timeout_seconds() == 30
+    for bad in ("abc", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(TloraError, match=TIMEOUT_ENV):
+            timeout_seconds()
 
 
 def test_only_rank_0_says_why_every_rank_stopped(run_cli, monkeypatch, model_factory, tmp_path):
