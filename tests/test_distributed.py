@@ -25,9 +25,9 @@ from tlora_cli.errors import Stopped, TloraError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# tlora's CLI with one rank made to fail (MODE: error before any collective, late mid-calibration, kill).
+# tlora's CLI with one rank made to fail (MODE: error before any collective, late mid-calibration, kill, hang).
 FAILING = """
-import os, signal
+import os, signal, time
 from tlora_cli import pipeline
 from tlora_cli.calib import collector
 from tlora_cli.errors import TloraError
@@ -35,6 +35,8 @@ from tlora_cli.errors import TloraError
 def fail(*args, **kwargs):
     if os.environ["MODE"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ["MODE"] == "hang":
+        time.sleep(3600)
     raise TloraError("rank trouble: " + os.environ["MODE"])
 
 if os.environ["RANK"] == "1":
@@ -184,14 +186,16 @@ def test_calibrate_under_torchrun_then_init_in_one_process(model_factory, data_f
         ("late", ["error: rank 1: rank trouble: late"]),  # mid-calibration, in a layer's reduction
         # SIGKILL: no word from the rank; rank 0 loses it in a collective, or torchrun stops rank 0 first
         ("kill", [f"error: {LOST}", "interrupted: nothing was written"]),
+        ("hang", [f"error: {LOST}"]),  # rank 0 gives up after TLORA_DIST_TIMEOUT, then torchrun stops rank 1
     ],
-    ids=["error", "late", "kill"],
+    ids=["error", "late", "kill", "hang"],
 )
 def test_one_failing_rank_stops_every_rank_with_one_line_and_no_output(mode, lines, model_factory, data_file, tmp_path):
     script, out = tmp_path / "failing.py", tmp_path / "out"
     script.write_text(FAILING)
     start = time.perf_counter()
-    result = torchrun(2, *init_args(model_factory("llama"), data_file, out, 5), script=script, MODE=mode)
+    args = init_args(model_factory("llama"), data_file, out, 5)
+    result = torchrun(2, *args, script=script, MODE=mode, **{TIMEOUT_ENV: "20"})
     assert result.returncode != 0
     assert time.perf_counter() - start < 120
     ours = [x for x in result.stderr.splitlines() if x.startswith(("error:", "interrupted:"))]
