@@ -23,7 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import BENCH_DIR, REPO, append_results, load_average, markdown_table, run_measured, shell, tlora_script
+from common import (
+    BENCH_DIR,
+    REPO,
+    append_results,
+    load_average,
+    markdown_table,
+    run_measured,
+    shell,
+    tlora_script,
+    wait_until_quiet,
+)
 
 from tlora_cli.allocation import ModuleAllocation
 from tlora_cli.builtin_model import builtin_model_path
@@ -68,7 +78,7 @@ def smallest_cosine(a: Path, b: Path) -> float:
     return worst
 
 
-def bench_smollm2(rounds: int) -> tuple[str, list[str], str]:
+def bench_smollm2(rounds: int, max_load: float) -> tuple[str, list[str], str]:
     model = builtin_model_path()
     names = ["single", "torchrun"]
     walls: dict[str, list[float]] = {n: [] for n in names}
@@ -79,6 +89,7 @@ def bench_smollm2(rounds: int) -> tuple[str, list[str], str]:
         for r in range(rounds):
             for name in names if r % 2 == 0 else reversed(names):
                 command, env = smollm2_commands(model, folder, name)
+                wait_until_quiet(max_load)
                 measured = run_measured(command, env=env).check()
                 walls[name].append(measured.wall_s)
                 loads[name].append(measured.load_at_start)
@@ -163,12 +174,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--skip-split", action="store_true", help="only the SmolLM2 comparison")
+    parser.add_argument("--max-load", type=float, default=1.0, help="wait for this 1-minute load before each run")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"load average at start: {load_average():.2f}", file=sys.stderr)
-    smol_table, commands, smol_note = bench_smollm2(args.rounds)
+    smol_table, commands, smol_note = bench_smollm2(args.rounds, args.max_load)
     tables, notes = [smol_table], [smol_note]
     if not args.skip_split:
+        wait_until_quiet(args.max_load)
         split_table, split_note = bench_split()
         tables.append(split_table)
         notes.append(split_note)
