@@ -24,7 +24,8 @@ from rich.markup import escape
 from . import __version__
 from .budget_plot import print_picture, write_plot
 from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
-from .errors import TloraError, disk_full
+from .distributed import is_main_process
+from .errors import Stopped, TloraError, disk_full
 from .export import export
 from .hub_upload import push_folder
 from .methods import InitOptions, methods_help
@@ -518,7 +519,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except TloraError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+        if is_main_process() or not isinstance(e, Stopped):  # under torchrun, rank 0 says why every rank stopped
+            err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(1)
     except Exception as e:
         click_error, abort = _click_exceptions()
@@ -526,7 +528,8 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, abort):
-            err.print(_interrupted_message(), soft_wrap=True)
+            if is_main_process():
+                err.print(_interrupted_message(), soft_wrap=True)
             sys.exit(130)
         if os.environ.get("TLORA_DEBUG"):
             raise
@@ -540,6 +543,6 @@ def main() -> None:
         err.print(f"[red]internal error:[/] {escape(type(e).__name__ + ': ' + str(e))}".splitlines()[0], soft_wrap=True)
         err.print("rerun with TLORA_DEBUG=1 for the traceback and report it")
         sys.exit(3)
-    if code == 130:  # Typer turns Ctrl-C (and our SIGTERM) into exit code 130
+    if code == 130 and is_main_process():  # Typer turns Ctrl-C (and our SIGTERM) into exit code 130
         err.print(_interrupted_message(), soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

@@ -12,3 +12,11 @@ def disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
+
+
+class Stopped(TloraError):
+    """Every rank of a torchrun job stops on this one error; only rank 0 says it (distributed.py)."""
+
+
+class Lost(Stopped):
+    """A collective's partner is gone: killed, crashed, or silent past the timeout."""

@@ -5,6 +5,7 @@ The CLI parses flags into options objects and calls run_calibrate, run_allocate 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from .calib.streamed_model import StreamedModel
 from .calib.whole import whole_statistics
 from .calib_check import check_against_model
 from .data import CalibrationSet, DataOptions, load_calibration_set, rank_warning
+from .distributed import Dist, launched
 from .errors import TloraError
 from .metadata import covariance_kind, metadata
 from .methods import METHODS, Covariances, InitOptions, ModuleInputs, check_gradients
@@ -81,35 +83,40 @@ def calibrate(
     options: CalibrationOptions,
     reporter: Reporter,
     stats_dir: Path | None = None,
+    dist: Dist | None = None,
 ) -> tuple[Calibration, WeightOf]:
     """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
 
     Statistics go to files under `stats_dir` as they are finished when one is given (a calibration
     directory being written, or scratch space in --offload-dir), else they stay in host memory.
+    Under torchrun (`dist`) each rank runs its share of the samples and every rank gets the sums of all.
     Returns how to read each target's weight, for the factorisation that follows.
     """
+    dist = dist or Dist()
     options.check()
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, source.path, device)
     suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))
     calib_set = _read_data(source, data, options, reporter)
-    collector = Collector(options.centred, options.covariances, options.gradients, dtype)
+    collector = Collector(options.centred, options.covariances, options.gradients, dtype, dist)
     stores = statistic_stores(stats_dir, options.gradients)
+    n = len(calib_set.samples)
+    samples = [calib_set.samples[i] for i in dist.share(n)]  # all of them without torchrun
     if options.engine == "whole":
         with reporter.phase("load", "Loading the whole model"):
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
-        with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
-            stats = whole_statistics(model, targets, calib_set.samples, collector, stores, step)
+        with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(samples)) as step:
+            stats = whole_statistics(model, targets, samples, collector, stores, step)
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
             streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
         targets = streamed.targets(suffixes)
-        stats = stream_statistics(
-            streamed, targets, calib_set.samples, collector, stores, options.offload_dir, reporter
-        )
+        stats = stream_statistics(streamed, targets, samples, collector, stores, options.offload_dir, reporter)
         weight_of = weights_from_checkpoint(source.checkpoint)
+    tokens = sum(len(s.input_ids) for s in calib_set.samples)
+    stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens)  # every rank's, not this one's share
     with reporter.phase("fingerprint", "Fingerprinting the model"):
         fingerprint = source.checkpoint.fingerprint
     settings = {
@@ -118,6 +125,7 @@ def calibrate(
         "engine": options.engine,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
+        **({"distributed": dist.record(n)} if dist.active else {}),
     }
     model_info = {"name": source.name, "fingerprint": fingerprint}
     provenance = {**calib_set.provenance, **_data_record(calib_set, options)}
@@ -202,18 +210,41 @@ def factorise(
     device: str,
     options: InitOptions,
     on_module: Callable[[], None] | None = None,
+    dist: Dist | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A_i for every module with r_i > 0, by the method's entry in METHODS; each covariance is read once."""
+    """A_i for every module with r_i > 0, by the method's entry in METHODS; each covariance is read once.
+
+    Under torchrun each rank builds those of the inputs it owns (input_owners) and rank 0 gets them all;
+    the other ranks get nothing back.
+    """
+    dist = dist or Dist()
+    owners = input_owners(allocations, stats.input_of, dist)
     build_a = METHODS[options.method].build_a
     covariances = Covariances(stats, device)
     result: dict[str, torch.Tensor] = {}
     for a in allocations:
-        if a.rank:
+        if a.rank and owners[stats.input_of[a.name]] == dist.rank:
             inputs = ModuleInputs(a.name, a.rank, a.in_features, device, options, stats, weight_of, covariances)
             result[a.name] = build_a(inputs).cpu()
         if on_module:
             on_module()
-    return result
+    gathered = dist.gather_to_main(result)
+    return {a.name: gathered[a.name] for a in allocations if a.name in gathered}
+
+
+def factorisation_cost(a: ModuleAllocation) -> float:
+    """Roughly the flops of A_i: the (out x in) W C product and an SVD or a subspace iteration of it."""
+    return a.out_features * a.in_features * (a.in_features + a.rank) if a.rank else 0.0
+
+
+def input_owners(allocations: list[ModuleAllocation], input_of: dict[str, str], dist: Dist) -> dict[str, int]:
+    """The rank that builds A for the modules reading each input: all of them on one rank, which reads
+    that input's covariance once; inputs shared out by cost."""
+    costs: dict[str, float] = {}
+    for a in allocations:
+        key = input_of[a.name]
+        costs[key] = costs.get(key, 0.0) + factorisation_cost(a)
+    return dist.owner_of(costs)
 
 
 def check_calibration(calibration: Calibration, init: InitOptions, center: bool, explicit: bool, where: str) -> None:
@@ -242,7 +273,7 @@ def adapter_dtype(dtype: str, source: ModelSource) -> torch.dtype:
 
 
 def initialise(
-    folder: Path,
+    folder: Path | None,
     source: ModelSource,
     calibration: Calibration,
     allocations: list[ModuleAllocation],
@@ -252,9 +283,11 @@ def initialise(
     init: InitOptions,
     reporter: Reporter,
     card_name: str | None = None,
+    dist: Dist | None = None,
 ) -> None:
     """Factorise and write the adapter into `folder` (the caller makes it appear atomically); `card_name` titles
-    its model card (the folder's final name)."""
+    its model card (the folder's final name). Under torchrun every rank factorises its share, rank 0 writes."""
+    dist = dist or Dist()
     active = sum(1 for a in allocations if a.rank)
     largest = max(a.rank for a in allocations)
     warning = rank_warning(calibration.stats.num_tokens, largest)
@@ -262,7 +295,9 @@ def initialise(
         reporter.warn(warning)
     device = pick_device(options.device)
     with reporter.phase("factorisation", f"Building A ({init.method})", len(allocations)) as step:
-        a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step)
+        a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step, dist)
+    if folder is None:
+        return  # a rank other than 0: its A matrices went to rank 0
     dtype = adapter_dtype(options.dtype, source)
     with reporter.phase("writing", "Writing the adapter"):
         write_adapter(folder, allocations, a_matrices, dtype, base_model_name(source.name, source.path))
@@ -289,10 +324,17 @@ def run_calibrate(
     data.check()
     options.check()
     inputs = run_inputs(model, data.data, offload_dir=options.offload_dir)
-    with atomic_dir(out, overwrite, "calibration", inputs) as tmp:
+    with (
+        launched(pick_device(options.device)) as dist,
+        _output(dist, out, overwrite, "calibration", inputs) as tmp,
+        scratch_folder(None if tmp else options.offload_dir, "tlora-statistics-") as scratch,  # ranks but 0
+    ):
+        options = dataclasses.replace(options, device=dist.device)
         source = ModelSource.open(model, revision)
-        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp)
-        save_calibration(calibration, tmp)
+        calibration, _ = calibrate(source, data, options, reporter, stats_dir=tmp or scratch, dist=dist)
+        if tmp:
+            save_calibration(calibration, tmp)
+        dist.agree()  # no rank failed: rank 0 may put OUT in place
     reporter.info(f"wrote {out}: {len(calibration.stats.targets)} modules, {calibration.stats.num_tokens} tokens")
 
 
@@ -330,6 +372,29 @@ def run_init(
 
     The method's entry in METHODS says which statistics to measure and which covariance it reads.
     """
+    with launched(pick_device(calib.device)) as dist:
+        _init(out, model, revision, data, calibration_dir, plan, allocation, init, calib, overwrite, reporter, dist)
+
+
+def _output(dist: Dist, out: Path, overwrite: bool, kind: str, inputs: tuple) -> contextlib.AbstractContextManager:
+    """OUT's temp folder on rank 0, which alone writes (atomic_dir); None on the other ranks."""
+    return atomic_dir(out, overwrite, kind, inputs) if dist.is_main else contextlib.nullcontext()
+
+
+def _init(
+    out: Path,
+    model: str | None,
+    revision: str | None,
+    data: DataOptions,
+    calibration_dir: Path | None,
+    plan: Path | None,
+    allocation: AllocationOptions,
+    init: InitOptions,
+    calib: CalibrationOptions,
+    overwrite: bool,
+    reporter: Reporter,
+    dist: Dist,
+) -> None:
     if plan:
         allocation.check_with_plan()
         check_plan_recipe(plan, init.recipe)
@@ -340,11 +405,13 @@ def run_init(
     init.check()
     spec, explicit = init.spec, calib.center is not None
     center = calib.center if explicit else spec.center
-    calib = dataclasses.replace(calib, center=center, gradients=spec.gradients, covariances=spec.covariances)
+    calib = dataclasses.replace(
+        calib, center=center, gradients=spec.gradients, covariances=spec.covariances, device=dist.device
+    )
     calib.check()
     inputs = run_inputs(model, data.data, calibration_dir, plan, calib.offload_dir)
     with (
-        atomic_dir(out, overwrite, "adapter", inputs) as tmp,
+        _output(dist, out, overwrite, "adapter", inputs) as tmp,
         scratch_folder(calib.offload_dir, "tlora-statistics-") as stats_dir,
     ):
         if calibration_dir:
@@ -356,11 +423,11 @@ def run_init(
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
             source = ModelSource.open(model, revision)
-            calibration, weight_of = calibrate(source, data, calib, reporter, stats_dir)
+            calibration, weight_of = calibrate(source, data, calib, reporter, stats_dir, dist)
         if plan:
             allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
         else:
             allocations = allocate_modules(calibration.stats, allocation)
             settings = allocation.settings(len(allocations))
-        initialise(tmp, source, calibration, allocations, settings, weight_of, calib, init, reporter, out.name)
+        initialise(tmp, source, calibration, allocations, settings, weight_of, calib, init, reporter, out.name, dist)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")

@@ -9,12 +9,15 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .distributed import is_main_process
+
 
 class Reporter:
     """Shows what each phase is doing and records how long it took (the metadata's `timings`)."""
 
     def __init__(self, quiet: bool = False) -> None:
-        self.console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+        # Under torchrun only rank 0 talks: K copies of every bar and line would say nothing more.
+        self.console = Console(stderr=True, quiet=quiet or not is_main_process(), soft_wrap=True)
         self.timings: dict[str, float] = {}
 
     def info(self, message: str) -> None:

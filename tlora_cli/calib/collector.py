@@ -1,8 +1,8 @@
 """What calibration measures, as hooks on the target modules: both engines run the model, this measures it.
 
 Covariances come from forward pre-hooks (X^T X once per distinct input), importance scores and LoRA-DA's
-gradient moments from backward hooks. Sums stay where the model runs until `finish()` turns them into means:
-a distributed run would all-reduce the sums right before it.
+gradient moments from backward hooks. Sums stay where the model runs until `finish()` turns them into means;
+under torchrun every rank's sums and counts are added up right before (all-reduced: every rank gets them).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..distributed import Dist
 from ..errors import TloraError
 
 
@@ -33,11 +34,15 @@ class InputGroups:
         if first:
             self.live.append((x, name))
             key = name
+        self.record(name, key)
+        return key, first
+
+    def record(self, name: str, key: str) -> None:
+        """That `name` reads the input keyed `key` (seen here, or by another rank)."""
         if self.input_of.setdefault(name, key) != key:
             raise TloraError(
                 f"{name} read a different input from one sample to the next; this model cannot be calibrated"
             )
-        return key, first
 
     def end_forward(self) -> None:
         self.live.clear()
@@ -65,11 +70,13 @@ class Collector:
     """Registers the statistics' hooks on target modules and finishes what they summed.
 
     `center`: per-sample centred covariance (else the second moment); `covariances=False` skips X^T X
-    (methods that never read C); `gradients=True` adds LoRA-DA's mean gradients and output-gradient moments.
+    (methods that never read C); `gradients=True` adds LoRA-DA's mean gradients and output-gradient moments;
+    `dist`: the ranks whose sums `finish()` adds up (one process without torchrun).
     """
 
-    def __init__(self, center: bool, covariances: bool, gradients: bool, dtype: torch.dtype):
+    def __init__(self, center: bool, covariances: bool, gradients: bool, dtype: torch.dtype, dist: Dist | None = None):
         self.center, self.covariances, self.gradients, self.dtype = center, covariances, gradients, dtype
+        self.dist = dist or Dist()
         self.groups = InputGroups()
         self.cov_sum: dict[str, torch.Tensor] = {}
         self.score_sum: dict[str, torch.Tensor] = {}
@@ -166,8 +173,11 @@ class Collector:
     def finish(self, num_samples: int, num_tokens: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
         """Every sum held so far as a mean, handed over and no longer held: ({kind: {key: tensor}}, scores).
 
-        Covariances are X^T X / tokens, scores and mean gradients per sample, output-gradient moments per token.
+        Covariances are X^T X / tokens, scores and mean gradients per sample, output-gradient moments per token;
+        under torchrun over every rank's samples and tokens.
         """
+        if self.dist.active:
+            num_samples, num_tokens = self._reduce(num_samples, num_tokens)
         self.check_finite()
         tensors = {"covariances": {k: self.cov_sum.pop(k).div_(num_tokens) for k in list(self.cov_sum)}}
         if self.gradients:
@@ -175,6 +185,28 @@ class Collector:
             tensors["output_grad_sq"] = {k: self.out_sq_sum.pop(k) / num_tokens for k in list(self.out_sq_sum)}
         scores = {k: self.score_sum.pop(k).item() / num_samples for k in list(self.score_sum)}
         return tensors, scores
+
+    def _reduce(self, num_samples: int, num_tokens: int) -> tuple[int, int]:
+        """Add every rank's sums into this rank's, in place, and return the counts over all ranks.
+
+        One gather first says which sums exist, their shapes and the inputs modules read: a rank that had
+        no sample has summed nothing and gets zeros, and every rank adds the sums in the same order.
+        """
+        sums = (self.cov_sum, self.score_sum, self.grad_sum, self.out_sq_sum)
+        layout = [{k: (t.shape, t.dtype) for k, t in held.items()} for held in sums]
+        gathered = self.dist.all_gather((layout, self.groups.input_of, num_samples, num_tokens))
+        tensors: dict[tuple[int, str], torch.Tensor] = {}  # in the gathered (rank) order: the same everywhere
+        for i, held in enumerate(sums):
+            for rank_layout, *_ in gathered:
+                for key, (shape, dtype) in rank_layout[i].items():
+                    if key not in held:
+                        held[key] = torch.zeros(shape, dtype=dtype, device=self.dist.device)
+                    tensors.setdefault((i, key), held[key])
+        for _, input_of, _, _ in gathered:
+            for name, key in input_of.items():
+                self.groups.record(name, key)
+        self.dist.all_reduce_sum(list(tensors.values()))
+        return sum(g[2] for g in gathered), sum(g[3] for g in gathered)
 
 
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..data import EncodedSample
+from ..errors import TloraError
 from ..progress import Reporter
 from ..targets import Target
 from .collector import Collector, sample_loss
@@ -165,6 +166,11 @@ def stream_statistics(
                     in_memory = stores["covariances"].folder is None
                     held = sum(c.nbytes for c in finished["covariances"].values()) if in_memory else 0
                     recompute = covariances_too_big(walk.inputs.host_bytes(1), held, num_layers, reporter)
+                    if recompute and collector.dist.active:  # reading them again would take every rank
+                        raise TloraError(
+                            "under torchrun the covariances of every layer must fit in host memory: "
+                            "pass --offload-dir DIR to keep them on disk"
+                        )
                     if recompute:
                         finished = {}
                 stores.put(finished)

@@ -1,0 +1,196 @@
+"""Many processes under torchrun: each rank calibrates a share of the samples, the ranks add up their sums,
+each factorises the modules it owns, and rank 0 gathers the A matrices and alone writes OUT.
+
+Without torchrun's environment (WORLD_SIZE unset or 1) there is one Dist of one process, no process group,
+and every collective here is a no-op. Under torchrun every collective first agrees on errors: a rank that fails
+tells the others at their next collective, so that every rank stops with the same one line (said by rank 0)
+instead of waiting for a partner that will never come.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+
+from .errors import Lost, Stopped, TloraError
+
+TIMEOUT_ENV = "TLORA_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600  # a hung rank stops the job (a CI run) after this long
+GRACE_S = 5.0  # how long a rank other than 0 leaves rank 0 to say why they all stop
+LOST = "another rank stopped or was killed (its error, if any, is above); nothing was written"
+
+
+def is_main_process() -> bool:
+    """Global rank 0 under torchrun, or a run without it: the process that prints and writes."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def timeout_seconds() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e9:  # NaN and inf too
+        raise TloraError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return seconds
+
+
+@dataclass
+class Dist:
+    """This process's place among the ranks; `device` is where its collectives' tensors live."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+    device: str = "cpu"
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def samples_per_rank(self, n: int) -> list[int]:
+        """Contiguous shares of n samples: the first n % K ranks take one more; a rank may take none."""
+        return [n // self.world_size + (r < n % self.world_size) for r in range(self.world_size)]
+
+    def share(self, n: int) -> range:
+        """The indices of the samples this rank calibrates."""
+        counts = self.samples_per_rank(n)
+        start = sum(counts[: self.rank])
+        return range(start, start + counts[self.rank])
+
+    def record(self, n: int) -> dict:
+        """What the metadata and the calibration folder say about the split (nothing without torchrun)."""
+        if not self.active:
+            return {}
+        return {"world_size": self.world_size, "backend": self.backend, "samples_per_rank": self.samples_per_rank(n)}
+
+    def agree(self, error: str | None = None) -> None:
+        """Every rank says whether it failed; when one did, every rank raises Stopped with its message.
+
+        Two small collectives: the lowest failing rank (a MIN over the ranks), then its message from it.
+        """
+        if not self.active:
+            return
+        healthy = self.world_size
+        flag = torch.tensor([self.rank if error is not None else healthy], device=self.device)
+        message = [error]
+        with _lost_rank():
+            td.all_reduce(flag, op=td.ReduceOp.MIN)
+            source = int(flag.item())
+            if source == healthy:
+                return
+            td.broadcast_object_list(message, src=source)
+        raise Stopped(message[0] if source == 0 else f"rank {source}: {message[0]}")
+
+    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        """Add every rank's tensors into each rank's, in place (each must be on `device`)."""
+        if not self.active:
+            return
+        self.agree()
+        with _lost_rank():
+            for t in tensors:
+                td.all_reduce(t)
+
+    def all_gather(self, obj: object) -> list[object]:
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        self.agree()
+        gathered: list[object] = [None] * self.world_size
+        with _lost_rank():
+            td.all_gather_object(gathered, obj)
+        return gathered
+
+    def gather_to_main(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every rank's tensors merged on rank 0 (the others get {}): the A matrices each rank built."""
+        if not self.active:
+            return tensors
+        self.agree()
+        gathered: list[dict[str, torch.Tensor] | None] = [None] * self.world_size if self.is_main else None
+        with _lost_rank():
+            td.gather_object(tensors, gathered, dst=0)
+        return {k: v for part in gathered or [] for k, v in part.items()}
+
+    def owner_of(self, costs: Mapping[str, float]) -> dict[str, int]:
+        """A rank for each piece of work, balanced by cost: largest first onto the least-loaded rank.
+
+        The same on every rank (ties go to the lower rank, then to the earlier piece), so no message is needed.
+        """
+        load = [0.0] * self.world_size
+        owners: dict[str, int] = {}
+        for key in sorted(costs, key=lambda k: -costs[k]):  # stable: equal costs keep their order
+            rank = min(range(self.world_size), key=lambda r: (load[r], r))
+            owners[key] = rank
+            load[rank] += costs[key]
+        return owners
+
+
+@contextlib.contextmanager
+def _lost_rank() -> Iterator[None]:
+    """A collective whose partner is gone (killed, or past the timeout) fails on the ranks still there."""
+    try:
+        yield
+    except RuntimeError as e:  # torch's DistBackendError and gloo's connection errors are RuntimeErrors
+        raise Lost(LOST) from e
+
+
+def _from_env(device: str) -> Dist:
+    """Join torchrun's process group: NCCL with this rank on cuda:LOCAL_RANK for a CUDA device, else gloo."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        backend, device = "nccl", f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    else:
+        backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds())
+    td.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return Dist(rank, world_size, backend, device)
+
+
+def _let_main_speak(dist: Dist) -> None:
+    """torchrun stops every rank as soon as one exits: a rank other than 0 waits a moment before it does,
+    so that rank 0 has said why every rank stopped (rank 0's own exit then ends this one)."""
+    if not dist.is_main:
+        time.sleep(GRACE_S)
+
+
+@contextlib.contextmanager
+def launched(device: str) -> Iterator[Dist]:
+    """The ranks of this run (one, without torchrun) for the block; any rank's error stops them all.
+
+    `device` is the one the run asked for (cpu or cuda); under torchrun each rank gets its own GPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Dist(device=device)
+        return
+    dist = _from_env(device)
+    try:
+        yield dist
+    except Stopped:
+        _let_main_speak(dist)
+        raise
+    except Exception as e:  # an interrupt passes: torchrun is stopping every rank anyway
+        message = str(e) if isinstance(e, TloraError) else f"internal error: {type(e).__name__}: {e}"
+        try:
+            dist.agree((message.splitlines() or [type(e).__name__])[0])
+        except Lost:
+            pass  # the others are gone: this rank says it itself
+        except Stopped as agreed:
+            if isinstance(e, TloraError):
+                _let_main_speak(dist)
+                raise agreed from e  # rank 0 says it, for every rank
+        raise  # the others are gone, or a bug that this rank shows as such too
+    finally:
+        td.destroy_process_group()
