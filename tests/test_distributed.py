@@ -104,6 +104,44 @@ def test_owners_balance_the_cost_largest_first():
     assert set(Dist().owner_of(costs).values()) == {0}
 
 
+class SecondOfTwoRanks(Dist):
+    """Rank 1 of 2 in one process: the other rank calibrated the same samples, so every sum doubles."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 2, "gloo")
+
+    def share(self, n: int) -> range:
+        return range(n)
+
+    def all_gather(self, obj: object) -> list[object]:
+        return [obj, obj]
+
+    def reduce_sum(self, tensors: list[tuple[torch.Tensor, int | None]]) -> None:
+        for t, _ in tensors:
+            t.mul_(2)
+
+
+@pytest.mark.parametrize("engine", ["stream", "whole"])
+def test_each_input_s_statistics_stay_only_on_the_rank_that_owns_it(engine, model_factory, data_file):
+    """init spreads the inputs over the ranks (no rank holds every covariance); calibrate sends all to rank 0."""
+    from tlora_cli.pipeline import CalibrationOptions, ModelSource, calibrate
+    from tlora_cli.progress import Reporter
+
+    source = ModelSource.open(str(model_factory("llama")))
+    options = CalibrationOptions(num_samples=3, seq_len=24, device="cpu", engine=engine)
+    single = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
+    spread = calibrate(source, str(data_file), options, Reporter(quiet=True), dist=SecondOfTwoRanks(), spread=True)
+    stats = spread[0].stats
+    mine = {key for key, rank in stats.owners.items() if rank == 1}
+    assert set(stats.owners) == set(single.covariances) and 0 < len(mine) < len(stats.owners)
+    assert set(stats.covariances) == mine  # the other rank's inputs are not held here
+    for key in mine:
+        assert torch.equal(stats.covariances[key], single.covariances[key]), key
+    assert stats.scores == pytest.approx(single.scores, rel=1e-12)  # every rank gets every score
+    to_main = calibrate(source, str(data_file), options, Reporter(quiet=True), dist=SecondOfTwoRanks())[0].stats
+    assert not dict(to_main.covariances) and to_main.owners is None
+
+
 def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch):
     assert timeout_seconds() == 600
     monkeypatch.setenv(TIMEOUT_ENV, "30")
@@ -140,7 +178,10 @@ def test_k_ranks_give_the_single_process_answer(k, engine, per_rank, model_facto
     result = torchrun(k, *init_args(model, data_file, out, 5, "--engine", engine))
     assert result.returncode == 0, result.stderr
     assert_same_adapter(out, single)
-    assert distributed_record(out) == {"world_size": k, "backend": "gloo", "samples_per_rank": per_rank}
+    record = distributed_record(out)
+    held = record.pop("inputs_per_rank")  # 2 layers x (q/k/v, o, gate/up, down), each input on one rank
+    assert sum(held) == 8 and min(held) > 0, held
+    assert record == {"world_size": k, "backend": "gloo", "samples_per_rank": per_rank}
     assert result.stdout == ""
 
 

@@ -70,11 +70,15 @@ class Dist:
         start = sum(counts[: self.rank])
         return range(start, start + counts[self.rank])
 
-    def record(self, n: int) -> dict:
-        """What the metadata and the calibration folder say about the split (nothing without torchrun)."""
+    def record(self, n: int, owners: Mapping[str, int] | None = None) -> dict:
+        """What the metadata and the calibration folder say about the split (nothing without torchrun), with
+        how many inputs' statistics each rank held when they were spread over the ranks."""
         if not self.active:
             return {}
-        return {"world_size": self.world_size, "backend": self.backend, "samples_per_rank": self.samples_per_rank(n)}
+        record = {"world_size": self.world_size, "backend": self.backend, "samples_per_rank": self.samples_per_rank(n)}
+        if owners:
+            record["inputs_per_rank"] = [list(owners.values()).count(r) for r in range(self.world_size)]
+        return record
 
     def agree(self, error: str | None = None) -> None:
         """Every rank says whether it failed; when one did, every rank raises Stopped with its message.
@@ -94,14 +98,18 @@ class Dist:
             td.broadcast_object_list(message, src=source)
         raise Stopped(message[0] if source == 0 else f"rank {source}: {message[0]}")
 
-    def all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
-        """Add every rank's tensors into each rank's, in place (each must be on `device`)."""
+    def reduce_sum(self, tensors: list[tuple[torch.Tensor, int | None]]) -> None:
+        """Add every rank's tensors, in place, into the given rank's (into every rank's for None); each tensor
+        must be on `device`. What the other ranks are left with is not a sum: they drop it."""
         if not self.active:
             return
         self.agree()
         with _lost_rank():
-            for t in tensors:
-                td.all_reduce(t)
+            for t, owner in tensors:
+                if owner is None:
+                    td.all_reduce(t)
+                else:
+                    td.reduce(t, dst=owner)
 
     def all_gather(self, obj: object) -> list[object]:
         """Every rank's `obj` (small, picklable), in rank order, on every rank."""

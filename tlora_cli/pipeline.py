@@ -84,12 +84,14 @@ def calibrate(
     reporter: Reporter,
     stats_dir: Path | None = None,
     dist: Dist | None = None,
+    spread: bool = False,
 ) -> tuple[Calibration, WeightOf]:
     """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
 
     Statistics go to files under `stats_dir` as they are finished when one is given (a calibration
     directory being written, or scratch space in --offload-dir), else they stay in host memory.
-    Under torchrun (`dist`) each rank runs its share of the samples and every rank gets the sums of all.
+    Under torchrun (`dist`) each rank runs its share of the samples; the sums of all go to rank 0, or with
+    `spread` each input's to the rank that will factorise it (`stats.owners`); every rank gets the scores.
     Returns how to read each target's weight, for the factorisation that follows.
     """
     dist = dist or Dist()
@@ -98,7 +100,7 @@ def calibrate(
     dtype = pick_dtype(options.dtype, source.path, device)
     suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))
     calib_set = _read_data(source, data, options, reporter)
-    collector = Collector(options.centred, options.covariances, options.gradients, dtype, dist)
+    collector = Collector(options.centred, options.covariances, options.gradients, dtype, dist, spread)
     stores = statistic_stores(stats_dir, options.gradients)
     n = len(calib_set.samples)
     samples = [calib_set.samples[i] for i in dist.share(n)]  # all of them without torchrun
@@ -116,7 +118,8 @@ def calibrate(
         stats = stream_statistics(streamed, targets, samples, collector, stores, options.offload_dir, reporter)
         weight_of = weights_from_checkpoint(source.checkpoint)
     tokens = sum(len(s.input_ids) for s in calib_set.samples)
-    stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens)  # every rank's, not this one's share
+    owners = collector.owners if spread and dist.active else None
+    stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens, owners=owners)  # all ranks' counts
     with reporter.phase("fingerprint", "Fingerprinting the model"):
         fingerprint = source.checkpoint.fingerprint
     settings = {
@@ -125,7 +128,7 @@ def calibrate(
         "engine": options.engine,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
-        **({"distributed": dist.record(n)} if dist.active else {}),
+        **({"distributed": dist.record(n, owners)} if dist.active else {}),
     }
     model_info = {"name": source.name, "fingerprint": fingerprint}
     provenance = {**calib_set.provenance, **_data_record(calib_set, options)}
@@ -214,11 +217,11 @@ def factorise(
 ) -> dict[str, torch.Tensor]:
     """A_i for every module with r_i > 0, by the method's entry in METHODS; each covariance is read once.
 
-    Under torchrun each rank builds those of the inputs it owns (input_owners) and rank 0 gets them all;
-    the other ranks get nothing back.
+    Under torchrun each rank builds those of the inputs it owns (where calibration left their statistics,
+    else input_owners) and rank 0 gets them all; the other ranks get nothing back.
     """
     dist = dist or Dist()
-    owners = input_owners(allocations, stats.input_of, dist)
+    owners = stats.owners or input_owners(allocations, stats.input_of, dist)
     build_a = METHODS[options.method].build_a
     covariances = Covariances(stats, device)
     result: dict[str, torch.Tensor] = {}
@@ -423,7 +426,7 @@ def _init(
             weight_of = weights_from_checkpoint(source.checkpoint)
         else:
             source = ModelSource.open(model, revision)
-            calibration, weight_of = calibrate(source, data, calib, reporter, stats_dir, dist)
+            calibration, weight_of = calibrate(source, data, calib, reporter, stats_dir, dist, spread=True)
         if plan:
             allocations, settings = read_plan(plan, calibration.stats.targets, calibration.model["fingerprint"])
         else:

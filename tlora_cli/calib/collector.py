@@ -2,7 +2,7 @@
 
 Covariances come from forward pre-hooks (X^T X once per distinct input), importance scores and LoRA-DA's
 gradient moments from backward hooks. Sums stay where the model runs until `finish()` turns them into means;
-under torchrun every rank's sums and counts are added up right before (all-reduced: every rank gets them).
+under torchrun every rank's sums and counts are added up right before, each on the rank that holds it.
 """
 
 from __future__ import annotations
@@ -71,12 +71,25 @@ class Collector:
 
     `center`: per-sample centred covariance (else the second moment); `covariances=False` skips X^T X
     (methods that never read C); `gradients=True` adds LoRA-DA's mean gradients and output-gradient moments;
-    `dist`: the ranks whose sums `finish()` adds up (one process without torchrun).
+    `dist`: the ranks whose sums `finish()` adds up (one process without torchrun); `spread`: under torchrun,
+    each input's statistics go to the rank that will factorise it (`owners`, balanced by cost) rather than
+    all to rank 0, so that no rank holds more than its share. Scores go to every rank.
     """
 
-    def __init__(self, center: bool, covariances: bool, gradients: bool, dtype: torch.dtype, dist: Dist | None = None):
+    def __init__(
+        self,
+        center: bool,
+        covariances: bool,
+        gradients: bool,
+        dtype: torch.dtype,
+        dist: Dist | None = None,
+        spread: bool = False,
+    ):
         self.center, self.covariances, self.gradients, self.dtype = center, covariances, gradients, dtype
-        self.dist = dist or Dist()
+        self.dist, self.spread = dist or Dist(), spread
+        self.shapes: dict[str, tuple[int, ...]] = {}  # (out, in) of every module watched, for the owners' costs
+        self.owners: dict[str, int] = {}  # input key -> the rank holding its statistics (under torchrun)
+        self.load = [0.0] * self.dist.world_size
         self.groups = InputGroups()
         self.cov_sum: dict[str, torch.Tensor] = {}
         self.score_sum: dict[str, torch.Tensor] = {}
@@ -100,6 +113,7 @@ class Collector:
 
             return hook
 
+        self.shapes.update({name: tuple(module.weight.shape) for name, module in modules.items()})
         handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
         try:
             yield
@@ -115,6 +129,7 @@ class Collector:
     def watching_gradients(self, modules: Mapping[str, torch.nn.Module]) -> Iterator[None]:
         """Each weight's gradient reduced to its score (and moments) as it lands, then freed at once."""
         handles = []
+        self.shapes.update({name: tuple(module.weight.shape) for name, module in modules.items()})
         for name, module in modules.items():
             weight = module.weight
             weight.requires_grad_(True)
@@ -187,26 +202,43 @@ class Collector:
         return tensors, scores
 
     def _reduce(self, num_samples: int, num_tokens: int) -> tuple[int, int]:
-        """Add every rank's sums into this rank's, in place, and return the counts over all ranks.
+        """Add every rank's sums into the rank that holds each (every rank, for scores) and drop them on the
+        others; return the counts over all ranks.
 
         One gather first says which sums exist, their shapes and the inputs modules read: a rank that had
-        no sample has summed nothing and gets zeros, and every rank adds the sums in the same order.
+        no sample has summed nothing and sends zeros, and every rank adds the sums in the same order.
         """
         sums = (self.cov_sum, self.score_sum, self.grad_sum, self.out_sq_sum)
         layout = [{k: (t.shape, t.dtype) for k, t in held.items()} for held in sums]
         gathered = self.dist.all_gather((layout, self.groups.input_of, num_samples, num_tokens))
-        tensors: dict[tuple[int, str], torch.Tensor] = {}  # in the gathered (rank) order: the same everywhere
+        for _, input_of, _, _ in gathered:
+            for name, key in input_of.items():
+                self.groups.record(name, key)
+        owned: dict[tuple[int, str], int | None] = {}  # in the gathered (rank) order: the same everywhere
         for i, held in enumerate(sums):
             for rank_layout, *_ in gathered:
                 for key, (shape, dtype) in rank_layout[i].items():
                     if key not in held:
                         held[key] = torch.zeros(shape, dtype=dtype, device=self.dist.device)
-                    tensors.setdefault((i, key), held[key])
-        for _, input_of, _, _ in gathered:
-            for name, key in input_of.items():
-                self.groups.record(name, key)
-        self.dist.all_reduce_sum(list(tensors.values()))
+                    owned.setdefault((i, key), None if held is self.score_sum else self._owner(key))
+        self.dist.reduce_sum([(sums[i][key], owner) for (i, key), owner in owned.items()])
+        for (i, key), owner in owned.items():
+            if owner not in (None, self.dist.rank):
+                del sums[i][key]
         return sum(g[2] for g in gathered), sum(g[3] for g in gathered)
+
+    def _owner(self, key: str) -> int:
+        """The rank holding the statistics of input `key` (or of module `key`: its input's), picked when first
+        seen: rank 0 unless spreading, else the least-loaded rank so far, loads counted in W C flops."""
+        key = self.groups.input_of.get(key, key)
+        if key not in self.owners:
+            rank = 0
+            if self.spread:
+                rank = min(range(self.dist.world_size), key=lambda r: (self.load[r], r))
+                readers = [n for n, k in self.groups.input_of.items() if k == key]
+                self.load[rank] += sum(self.shapes[n][0] * self.shapes[n][1] ** 2 for n in readers)
+            self.owners[key] = rank
+        return self.owners[key]
 
 
 def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:

@@ -48,6 +48,7 @@ class Statistics:
     scores: dict[str, float]
     num_samples: int
     num_tokens: int
+    owners: dict[str, int] | None = None  # under torchrun: the rank holding each input's tensors (init only)
 
     @property
     def covariances(self) -> Mapping[str, torch.Tensor]:
