@@ -32,7 +32,8 @@ MODELS = [
     ("qwen3", {}),
     ("phi3", {}),
 ]
-COMMON = ("--num-samples", "4", "--seq-len", "32", "-q")
+SMALL = ("--num-samples", "4", "--seq-len", "32", "-q")
+COMMON = (*SMALL, "--engine", "stream")  # tiny models fit: --engine auto would pick whole
 
 
 @pytest.mark.parametrize(("arch", "options"), MODELS, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in MODELS])
@@ -73,7 +74,7 @@ def test_streamed_statistics_and_adapter_equal_the_whole_model(
     for engine in ("stream", "whole"):
         for command in ("calibrate", "init"):
             out = tmp_path / f"{command}-{engine}"
-            result = run_cli(command, "--model", model_dir, "--data", data_file, *COMMON, "--engine", engine, "-o", out)
+            result = run_cli(command, "--model", model_dir, "--data", data_file, *SMALL, "--engine", engine, "-o", out)
             assert result.code == 0, result.stderr
     assert_same_numbers(
         tmp_path / "calibrate-stream", tmp_path / "calibrate-whole", tmp_path / "init-stream", tmp_path / "init-whole"
@@ -110,7 +111,7 @@ def test_streamed_on_cuda_equals_the_whole_model_on_cpu(arch, options, model_fac
     for device, flags in runs.items():
         for command in ("calibrate", "init"):
             out = tmp_path / f"{command}-{device}"
-            args = ("--model", model_dir, "--data", data_file, *COMMON, "--dtype", "float32", *flags, "-o", out)
+            args = ("--model", model_dir, "--data", data_file, *SMALL, "--dtype", "float32", *flags, "-o", out)
             result = run_cli(command, *args)
             assert result.code == 0, result.stderr
     assert_same_numbers(
@@ -142,6 +143,7 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
 
     needed = 2 * 4 * (3 * HIDDEN_SIZE**2 + INTERMEDIATE_SIZE**2)  # 2 layers
     args = ("--model", model_factory("llama"), "--data", data_file, "--num-samples", "4", "--seq-len", "32")
+    args += ("--engine", "stream")
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 10**12)
     roomy = run_cli("init", *args, "-o", tmp_path / "roomy")
     assert roomy.code == 0 and "host memory" not in roomy.stderr
@@ -193,7 +195,7 @@ def test_recomputed_covariances_are_freed_before_the_next_layer_runs(model_facto
 
     monkeypatch.setattr(LayerWalk, "forward_layer", forward_layer)
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
-    assert tiny_init(model_factory("llama"), tmp_path / "out").code == 0
+    assert tiny_init(model_factory("llama"), tmp_path / "out", "--engine", "stream").code == 0
     assert alive_at_load == [0, 0, 0, 0, 0, 0]  # forward 0, 1, backward 1, 0, recomputed 0, 1
 
 
@@ -205,7 +207,7 @@ def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, 
     from tlora_cli.progress import Reporter
 
     source = ModelSource.open(str(model_factory("mistral", sliding_window=8)))
-    options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu")
+    options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu", engine="stream")
     kept = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
     recomputed = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
@@ -257,7 +259,16 @@ def test_methods_without_c_compute_no_covariance(engine, method, model_factory, 
 def test_offload_dir_is_emptied_on_failure(model_factory, tiny_init, tmp_path):
     offload = tmp_path / "offload"
     offload.mkdir()
-    result = tiny_init(model_factory("llama"), tmp_path / "out", "--offload-dir", offload, "--budget-rank", 100000)
+    result = tiny_init(
+        model_factory("llama"),
+        tmp_path / "out",
+        "--engine",
+        "stream",
+        "--offload-dir",
+        offload,
+        "--budget-rank",
+        100000,
+    )
     assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
@@ -282,7 +293,9 @@ def test_a_checkpoint_missing_a_tensor_is_refused_in_one_line(model_factory, dat
 
 
 def test_targets_outside_the_layers_are_refused(model_factory, tiny_init, tmp_path):
-    result = tiny_init(model_factory("llama"), tmp_path / "out", "--target-modules", "q_proj,lm_head")
+    result = tiny_init(
+        model_factory("llama"), tmp_path / "out", "--engine", "stream", "--target-modules", "q_proj,lm_head"
+    )
     assert result.code == 1 and "lm_head is outside the decoder layers" in result.stderr
 
 
@@ -313,6 +326,8 @@ def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
             "200",
             "--offload-dir",
             str(offload),
+            "--engine",
+            "stream",
             "-q",
             "-o",
             str(out),

@@ -111,7 +111,16 @@ Dtype = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed of the sample selection.")]
 Engine = Annotated[
     str,
-    typer.Option(help="stream: one decoder layer on the device at a time; whole: the model in memory at once."),
+    typer.Option(
+        help="auto: whole if the model, its statistics and a batch fit in free memory, else stream; "
+        "stream: one decoder layer on the device at a time; whole: the model in memory at once."
+    ),
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Samples run at once (each keeps its own importance score). Default: the most that fit, up to 8."
+    ),
 ]
 OffloadDir = Annotated[
     Path | None,
@@ -268,7 +277,8 @@ def calibration_flags(
     device: Device = None,
     dtype: Dtype = "auto",
     seed: Seed = 0,
-    engine: Engine = "stream",
+    engine: Engine = "auto",
+    batch_size: BatchSize = None,
     offload_dir: OffloadDir = None,
 ) -> dict[str, Any]:
     """CalibrationOptions' fields that calibrate and init share."""

@@ -160,6 +160,17 @@ class Checkpoint:
             )
         return tensor
 
+    def num_elements(self) -> int:
+        """Every tensor's element count summed, from the shards' headers (no tensor is read)."""
+        total = 0
+        for name, file in self.files.items():
+            try:
+                shape = self.shard(file).get_slice(name).get_shape()
+            except (SafetensorError, RuntimeError, OSError) as e:
+                raise _shard_error(file, e) from e
+            total += int(torch.Size(shape).numel())
+        return total
+
     def first_rows(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The first row of every tensor, grouped by file so each shard is opened once."""
         by_file: dict[Path, list[str]] = {}

@@ -15,6 +15,7 @@ from .adapter import write_adapter, write_metadata
 from .allocation import ModuleAllocation, allocate, allocate_released
 from .calib.collector import Collector
 from .calib.folder import Calibration, load_calibration, save_calibration, statistic_stores
+from .calib.sizing import Choice, ModelSize, choose, free_memory
 from .calib.statistics import Statistics
 from .calib.store import scratch_folder
 from .calib.stream import stream_statistics
@@ -82,7 +83,7 @@ def calibrate(
     reporter: Reporter,
     stats_dir: Path | None = None,
 ) -> tuple[Calibration, WeightOf]:
-    """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
+    """Statistics per SPEC.md, on the whole model or streamed layer by layer (engine "auto": whichever fits).
 
     Statistics go to files under `stats_dir` as they are finished when one is given (a calibration
     directory being written, or scratch space in --offload-dir), else they stay in host memory.
@@ -95,7 +96,8 @@ def calibrate(
     calib_set = _read_data(source, data, options, reporter)
     collector = Collector(options.centred, options.covariances, options.gradients, dtype)
     stores = statistic_stores(stats_dir, options.gradients)
-    if options.engine == "whole":
+    choice = _choose_engine(source, options, len(calib_set.samples), device, dtype, reporter)
+    if choice.engine == "whole":
         with reporter.phase("load", "Loading the whole model"):
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
@@ -115,13 +117,31 @@ def calibrate(
     settings = {
         "target_modules": list(suffixes),
         "center": options.centred,
-        "engine": options.engine,
+        "engine": {"requested": options.engine, "used": choice.engine, "reason": choice.reason},
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
     }
     model_info = {"name": source.name, "fingerprint": fingerprint}
     provenance = {**calib_set.provenance, **_data_record(calib_set, options)}
     return Calibration(stats, model_info, provenance, settings, dict(reporter.timings)), weight_of
+
+
+def _choose_engine(
+    source: ModelSource,
+    options: CalibrationOptions,
+    num_samples: int,
+    device: str,
+    dtype: torch.dtype,
+    reporter: Reporter,
+) -> Choice:
+    """The engine and batch size from free memory where not given (calib/sizing.py), said on stderr."""
+    size = ModelSize.of(read_config(source.path), source.checkpoint.num_elements())
+    free = free_memory(device)
+    choice = choose(
+        size, options.engine, options.batch_size, num_samples, options.seq_len, dtype, options.gradients, free
+    )
+    reporter.info(f"engine: {choice.engine}, batch size {choice.batch_size} ({choice.reason})")
+    return choice
 
 
 def _read_data(
