@@ -102,14 +102,14 @@ def calibrate(
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(calib_set.samples)) as step:
-            stats = whole_statistics(model, targets, calib_set.samples, collector, stores, step)
+            stats = whole_statistics(model, targets, calib_set.samples, collector, stores, choice.batch_size, step)
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
             streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
         targets = streamed.targets(suffixes)
         stats = stream_statistics(
-            streamed, targets, calib_set.samples, collector, stores, options.offload_dir, reporter
+            streamed, targets, calib_set.samples, collector, stores, options.offload_dir, reporter, choice.batch_size
         )
         weight_of = weights_from_checkpoint(source.checkpoint)
     with reporter.phase("fingerprint", "Fingerprinting the model"):
@@ -118,6 +118,7 @@ def calibrate(
         "target_modules": list(suffixes),
         "center": options.centred,
         "engine": {"requested": options.engine, "used": choice.engine, "reason": choice.reason},
+        "batch_size": choice.batch_size,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
     }

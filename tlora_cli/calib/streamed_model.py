@@ -195,7 +195,9 @@ class StreamedModel:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
 
-    def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    def capture(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
         """What layer 0 receives, and every layer's other arguments, as the model's own forward builds them.
 
         Runs inside holding(self.embeddings).
@@ -212,7 +214,7 @@ class StreamedModel:
             return hidden
 
         with self.stand_ins(record), contextlib.suppress(StopForward), torch.no_grad():
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return first[0], calls
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
