@@ -14,6 +14,13 @@ from tlora_cli.data import EncodedSample, load_calibration_set
 from tlora_cli.errors import TloraError
 from tlora_cli.model_io import load_tokenizer
 
+# q/k/v reading one input, local attention with padding, GPT-NeoX's fused attention and parallel MLP
+BATCH_MODELS = [
+    ("llama", {}),
+    ("gemma3_text", {"sliding_window": 8}),
+    ("qwen2", {"sliding_window": 8, "max_window_layers": 1}),
+    ("gpt_neox", {}),
+]
 ARGS = ("--num-samples", "6", "--seq-len", "64", "-q")
 
 
@@ -24,7 +31,7 @@ def test_the_samples_differ_in_length(model_factory, data_file):
 
 
 @pytest.mark.parametrize("engine", ["whole", "stream"])
-@pytest.mark.parametrize(("arch", "options"), [("llama", {}), ("gemma3_text", {"sliding_window": 8})])
+@pytest.mark.parametrize(("arch", "options"), BATCH_MODELS, ids=[a for a, _ in BATCH_MODELS])
 def test_batches_give_the_numbers_of_a_batch_of_one(engine, arch, options, model_factory, data_file, tmp_path, run_cli):
     """Batches of 4 (then 2) with padding against batches of 1: covariances and scores to 1e-5, same ranks, A."""
     model = model_factory(arch, **options)
