@@ -368,3 +368,48 @@ def test_a_checkpoint_opens_each_shard_once_however_many_tensors_it_reads(model_
         checkpoint.get(name)
     assert checkpoint.fingerprint
     assert sorted(opened) == sorted(shards)
+
+
+def test_reading_ahead_reads_every_layer_on_the_reader_thread_and_changes_no_number(
+    model_factory, tiny_init, tmp_path, monkeypatch
+):
+    """Each layer is read on the background thread while the one before it computes; off, on the main thread."""
+    import threading
+
+    threads: list[str] = []
+    original = StreamedModel._read_layer
+    monkeypatch.setattr(
+        StreamedModel,
+        "_read_layer",
+        lambda self, i: threads.append(threading.current_thread().name) or original(self, i),
+    )
+    model = model_factory("gemma3_text", sliding_window=8, num_layers=3)
+    for flag in ("--read-ahead", "--no-read-ahead"):
+        threads.clear()
+        assert tiny_init(model, tmp_path / flag, "--engine", "stream", flag).code == 0
+        reader = flag == "--read-ahead"
+        assert len(threads) == 6 and all(name.startswith("tlora-reader") == reader for name in threads), threads
+        timings = json.loads((tmp_path / flag / "tlora_metadata.json").read_text())["timings"]
+        assert timings["load_wait"] >= 0 and timings["layer_reads"] > 0
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "--read-ahead" / file).read_bytes() == (tmp_path / "--no-read-ahead" / file).read_bytes()
+
+
+def test_an_error_on_the_reader_thread_is_one_line(model_factory, tiny_init, tmp_path, monkeypatch):
+    import threading
+
+    import tlora_cli.model_io as model_io
+
+    original = model_io.Checkpoint.get
+
+    def get(self, name, shape=None):
+        if name == "model.layers.1.mlp.up_proj.weight":
+            assert threading.current_thread().name.startswith("tlora-reader")
+            raise model_io.TloraError(f"cannot read {name} from a shard: I/O error")
+        return original(self, name, shape)
+
+    monkeypatch.setattr(model_io.Checkpoint, "get", get)
+    result = tiny_init(model_factory("llama"), tmp_path / "out", "--engine", "stream")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: cannot read model.layers.1.mlp.up_proj.weight from a shard: I/O error"
+    assert not (tmp_path / "out").exists()

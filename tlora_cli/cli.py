@@ -116,6 +116,9 @@ Engine = Annotated[
         "stream: one decoder layer on the device at a time; whole: the model in memory at once."
     ),
 ]
+ReadAhead = Annotated[
+    bool, typer.Option(help="Stream engine: read the next layer from disk while one computes (timings: load_wait).")
+]
 BatchSize = Annotated[
     int | None,
     typer.Option(
@@ -279,6 +282,7 @@ def calibration_flags(
     seed: Seed = 0,
     engine: Engine = "auto",
     batch_size: BatchSize = None,
+    read_ahead: ReadAhead = True,
     offload_dir: OffloadDir = None,
 ) -> dict[str, Any]:
     """CalibrationOptions' fields that calibrate and init share."""

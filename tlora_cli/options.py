@@ -35,6 +35,7 @@ class CalibrationOptions:
     engine: str = "auto"
     batch_size: int | None = None  # None: the largest that fits (calib/sizing.py)
     offload_dir: Path | None = None
+    read_ahead: bool = True  # stream engine: read the next layer while one computes
     gradients: bool = False  # also collect what --method lora-da needs
     covariances: bool = True  # False for methods that never read C (random, w-svd)
     recipe: str = "default"

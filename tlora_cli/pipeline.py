@@ -106,7 +106,7 @@ def calibrate(
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
-            streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
+            streamed = StreamedModel(source.path, source.checkpoint, dtype, device, options.read_ahead)
         targets = streamed.targets(suffixes)
         stats = stream_statistics(
             streamed, targets, calib_set.samples, collector, stores, options.offload_dir, reporter, choice.batch_size

@@ -39,4 +39,8 @@ class Reporter:
             yield lambda count=1: bar.advance(task, count)
             if total is None:
                 bar.update(task, total=1, completed=1)
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+        self.record(name, time.perf_counter() - start)
+
+    def record(self, name: str, seconds: float) -> None:
+        """A time measured elsewhere (a background thread's), beside the phases'."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)

@@ -82,6 +82,7 @@ class LayerWalk:
     def capture(self, step: Step | None = None) -> None:
         """Every batch's input to layer 0, and every layer's other arguments."""
         streamed = self.streamed
+        streamed.read_ahead(0)
         with streamed.holding(streamed.embeddings):
             for n, batch in enumerate(self.batches):
                 hidden, calls = streamed.capture(batch.input_ids, batch.attention_mask)
@@ -94,6 +95,7 @@ class LayerWalk:
         """Every batch through one layer, its outputs stored as the next layer's inputs; returns what the
         collector finished (the layer's covariances, on the device), which the caller moves off at once."""
         layer = self.streamed.load_layer(index)
+        self.streamed.read_ahead(index + 1)
         modules = self.streamed.layer_modules(index, self.by_layer.get(index, []))
         try:
             with self.collector.watching_inputs(modules, covariances), torch.no_grad():
@@ -111,6 +113,7 @@ class LayerWalk:
         """Loss at the head, then each layer recomputed with grad, in reverse; returns the scores."""
         streamed, device, inputs = self.streamed, self.streamed.device, self.inputs
         num_layers = len(streamed.layers)
+        streamed.read_ahead(num_layers - 1)
         with streamed.holding(streamed.head):
             for n, batch in enumerate(self.batches):
                 last = inputs.get(num_layers, n, device).requires_grad_(True)
@@ -123,6 +126,7 @@ class LayerWalk:
         scores: dict[str, float] = {}
         for index in reversed(range(num_layers)):
             layer = streamed.load_layer(index)
+            streamed.read_ahead(index - 1)
             with self.collector.watching_gradients(streamed.layer_modules(index, self.by_layer.get(index, []))):
                 for n in range(len(self.batches)):
                     args, kwargs = inputs.call(index, n)
@@ -177,6 +181,9 @@ def stream_statistics(
                 step()
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
             scores = walk.backward(stores, step)
+    # Reading layers on the reader thread overlaps the computation: of read time, only the wait costs.
+    reporter.record("layer_reads", streamed.read_seconds)
+    reporter.record("load_wait", streamed.wait_seconds)
     input_of = collector.input_of
     covariances = (
         RecomputedCovariances(streamed, targets, input_of, samples, collector, batch_size) if recompute else None
