@@ -381,7 +381,7 @@ def test_reading_ahead_reads_every_layer_on_the_reader_thread_and_changes_no_num
     monkeypatch.setattr(
         StreamedModel,
         "_read_layer",
-        lambda self, i: threads.append(threading.current_thread().name) or original(self, i),
+        lambda self, i, layer: threads.append(threading.current_thread().name) or original(self, i, layer),
     )
     model = model_factory("gemma3_text", sliding_window=8, num_layers=3)
     for flag in ("--read-ahead", "--no-read-ahead"):

@@ -188,17 +188,19 @@ class StreamedModel:
         """The decoder layer a module belongs to: `model.layers.3.mlp.up_proj` -> 3."""
         return int(name[len(self.prefix) + 1 :].split(".")[0])
 
-    def _read_layer(self, index: int) -> Read:
+    def _read_layer(self, index: int, layer: torch.nn.Module) -> Read:
+        """`layer` is looked up by the caller: while a stand-in holds its place, self.layers has the stand-in."""
         start = time.perf_counter()
-        named = self.layers[index].named_modules(prefix=f"{self.prefix}.{index}")
-        read = [(module, self._read(module, name)) for name, module in named]
+        read = [
+            (module, self._read(module, name)) for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}")
+        ]
         self.read_seconds += time.perf_counter() - start
         return read
 
     def read_ahead(self, index: int) -> None:
         """Start reading layer `index` on the reader thread, for the load_layer(index) that follows."""
         if self.reader is not None and 0 <= index < len(self.layers):
-            self.pending = (index, self.reader.submit(self._read_layer, index))
+            self.pending = (index, self.reader.submit(self._read_layer, index, self.layers[index]))
 
     def load_layer(self, index: int) -> torch.nn.Module:
         """Layer `index` on the device: what read_ahead read (an error there is raised here), else read now."""
@@ -209,7 +211,7 @@ class StreamedModel:
         else:
             if pending is not None:
                 pending[1].cancel()
-            read = self._read_layer(index)
+            read = self._read_layer(index, self.layers[index])
         self.wait_seconds += time.perf_counter() - start
         for module, tensors in read:
             self._place(module, tensors)
