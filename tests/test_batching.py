@@ -95,3 +95,24 @@ def test_batch_loss_is_the_sum_of_each_samples_mean_and_names_an_empty_sample():
     empty = Batch(batch.input_ids, torch.full_like(batch.labels, -100), batch.mask, first=7)
     with pytest.raises(TloraError, match="calibration sample 7 has no token"):
         batch_loss(logits, empty)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batched_stream_on_cuda_with_read_ahead_equals_a_batch_of_one_on_cpu(
+    model_factory, data_file, tmp_path, run_cli
+):
+    """The GPU path: pinned reads ahead, non-blocking copies, batches with padding; against the plain CPU path."""
+    model = model_factory("llama")
+    runs = {
+        "cuda": ("--engine", "stream", "--device", "cuda", "--batch-size", "4"),
+        "cpu": ("--engine", "whole", "--device", "cpu", "--batch-size", "1"),
+    }
+    for device, flags in runs.items():
+        for command in ("calibrate", "init"):
+            args = ("--model", model, "--data", data_file, *ARGS, "--dtype", "float32", *flags)
+            assert run_cli(command, *args, "-o", tmp_path / f"{command}-{device}").code == 0
+    calibrations, adapters = (
+        (tmp_path / "calibrate-cuda", tmp_path / "calibrate-cpu"),
+        (tmp_path / "init-cuda", tmp_path / "init-cpu"),
+    )
+    assert_same_numbers(*calibrations, *adapters, alpha_rel=1e-6)
