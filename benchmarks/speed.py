@@ -39,7 +39,6 @@ from common import (
     markdown_table,
     run_measured,
     shell,
-    timings,
     tlora_script,
     wait_until_quiet,
 )
@@ -177,12 +176,18 @@ def eva(path: Path, samples: list[torch.Tensor], rank: int, max_load: float) -> 
 def tlora(
     model: Path, data: Path, out: Path, args: argparse.Namespace, engine: str, num_samples: int, batch: int | None
 ) -> Measured:
-    command = [tlora_script(), "init", "--model", model, "--data", data, "--num-samples", num_samples]
-    command += ["--seq-len", args.seq_len, "--budget-rank", args.budget_rank, "--device", "cpu"]
+    command = [tlora_script(), "calibrate" if args.calibrate_only else "init", "--model", model, "--data", data]
+    command += ["--num-samples", num_samples, "--seq-len", args.seq_len, "--device", "cpu"]
+    command += [] if args.calibrate_only else ["--budget-rank", args.budget_rank]
     command += ["--engine", engine, *(["--batch-size", batch] if batch else []), "--quiet", "--overwrite", "-o", out]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     wait_until_quiet(args.max_load)
     return run_measured(command, env=env).check()
+
+
+def record_file(args: argparse.Namespace) -> str:
+    """What the run writes its settings and timings into: a calibration folder's manifest, or the metadata."""
+    return "calibration.json" if args.calibrate_only else "tlora_metadata.json"
 
 
 def one_round(path: Path, data: Path, samples: list[torch.Tensor], work: Path, args: argparse.Namespace) -> Round:
@@ -195,17 +200,18 @@ def one_round(path: Path, data: Path, samples: list[torch.Tensor], work: Path, a
         out = work / f"{engine}-{batch or 'default'}"
         run = tlora(path, data, out, args, engine, args.num_samples, batch)
         commands.append(shell(run.command))
-        calibration = json.loads((out / "tlora_metadata.json").read_text())["calibration"]
+        recorded = json.loads((out / record_file(args)).read_text())
+        calibration = recorded["settings"] if args.calibrate_only else recorded["calibration"]
         if engine == "auto":
             default_batch = calibration["batch_size"]
         method = f"tlora --engine {engine}" + (f" --batch-size {batch}" if batch else "")
         method += f" ({calibration['engine']['used']}, batch {calibration['batch_size']})"
-        phases[method] = timings(out, "tlora_metadata.json")
+        phases[method] = recorded["timings"]
         compute = sum(v for k, v in phases[method].items() if k in COMPUTE_PHASES)
         calib = sum(v for k, v in phases[method].items() if k not in FINISHING_PHASES and k not in BACKGROUND)
         figures[method, "its forward and backward phases"] = (compute, run.load_at_start)
         figures[method, "calibration: every phase but factorisation and writing"] = (calib, run.load_at_start)
-        figures[method, "the whole process: imports, calibration, factorisation, writing"] = (
+        figures[method, "the whole process: imports, calibration" + ("" if args.calibrate_only else ", A, writing")] = (
             run.wall_s,
             run.load_at_start,
         )
@@ -234,6 +240,7 @@ def main() -> None:
     parser.add_argument("--max-load", type=float, default=1.0, help="Wait for the load average to drop to this.")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS-speed.md")
     parser.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="Also CorDA and EVA.")
+    parser.add_argument("--calibrate-only", action="store_true", help="Time `tlora calibrate`, not `tlora init`.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -255,7 +262,8 @@ def main() -> None:
 
     tlora(path, data, work / "warm-up", args, "stream", 1, None)
     rounds = [one_round(path, data, samples, work, args) for _ in range(args.repeats)]
-    tokens = json.loads((work / "auto-default" / "tlora_metadata.json").read_text())["calibration"]["num_tokens"]
+    tokens = json.loads((work / "auto-default" / record_file(args)).read_text())
+    tokens = tokens["num_tokens"] if args.calibrate_only else tokens["calibration"]["num_tokens"]
 
     floor_s = statistics.median(r.figures["floor, batch 1", "forward + backward of every sample"][0] for r in rounds)
     rows = []
