@@ -72,7 +72,16 @@ def test_the_batch_is_the_largest_that_fits(batch):
     choice = choose(SIZE, "auto", None, 32, 24, torch.float32, False, int(need / MARGIN) + 1)
     assert (choice.engine, choice.batch_size) == ("whole", batch)
     assert choose(SIZE, "auto", None, 2, 24, torch.float32, False, 10**12).batch_size == 2  # no more than N
+    assert choose(SIZE, "auto", None, 32, 24, torch.float32, False, 10**12, max_batch=1).batch_size == 1
     assert choose(SIZE, "auto", 5, 32, 24, torch.float32, False, 1).batch_size == 5  # as asked
+
+
+def test_the_default_batch_is_one_on_cpu_up_to_eight_on_cuda(model_factory, tiny_init, tmp_path):
+    from tlora_cli.calib.sizing import batch_limit
+
+    assert (batch_limit("cpu"), batch_limit("cuda"), batch_limit("cuda:1")) == (1, 8, 8)
+    assert tiny_init(model_factory("llama"), tmp_path / "a").code == 0
+    assert json.loads((tmp_path / "a" / "tlora_metadata.json").read_text())["calibration"]["batch_size"] == 1
 
 
 def test_explicit_engines_and_unknown_memory():

@@ -122,7 +122,8 @@ ReadAhead = Annotated[
 BatchSize = Annotated[
     int | None,
     typer.Option(
-        help="Samples run at once (each keeps its own importance score). Default: the most that fit, up to 8."
+        help="Samples run at once (each keeps its own importance score). "
+        "Default: the most that fit, up to 8, on a GPU; 1 on CPU."
     ),
 ]
 OffloadDir = Annotated[

@@ -15,7 +15,7 @@ from .adapter import write_adapter, write_metadata
 from .allocation import ModuleAllocation, allocate, allocate_released
 from .calib.collector import Collector
 from .calib.folder import Calibration, load_calibration, save_calibration, statistic_stores
-from .calib.sizing import Choice, ModelSize, choose, free_memory
+from .calib.sizing import Choice, ModelSize, batch_limit, choose, free_memory
 from .calib.statistics import Statistics
 from .calib.store import scratch_folder
 from .calib.stream import stream_statistics
@@ -139,7 +139,15 @@ def _choose_engine(
     size = ModelSize.of(read_config(source.path), source.checkpoint.num_elements())
     free = free_memory(device)
     choice = choose(
-        size, options.engine, options.batch_size, num_samples, options.seq_len, dtype, options.gradients, free
+        size,
+        options.engine,
+        options.batch_size,
+        num_samples,
+        options.seq_len,
+        dtype,
+        options.gradients,
+        free,
+        batch_limit(device),
     )
     reporter.info(f"engine: {choice.engine}, batch size {choice.batch_size} ({choice.reason})")
     return choice

@@ -16,6 +16,14 @@ MARGIN = 0.8  # of the free memory: allocator slack, fragmentation, what the est
 MAX_AUTO_BATCH = 8  # larger batches gain little once a batch's matmuls fill the device
 
 
+def batch_limit(device: str) -> int:
+    """The largest batch picked by default. A GPU sits mostly idle on one sample; on a CPU one sample of a
+    few hundred tokens already fills the cores, and a batch only adds memory traffic (benchmarks/
+    RESULTS-speed.md, 2026-12-03: the whole engine took 48 s for 8 samples in batches of one, 89-120 s in
+    one batch of 8)."""
+    return MAX_AUTO_BATCH if device.startswith("cuda") else 1
+
+
 def free_memory(device: str) -> int | None:
     """Bytes free where the model runs: CUDA's own count, else the host's available memory (None: unknown)."""
     if device.startswith("cuda"):
@@ -88,9 +96,10 @@ def choose(
     dtype: torch.dtype,
     gradients: bool,
     free: int | None,
+    max_batch: int = MAX_AUTO_BATCH,
 ) -> Choice:
     """`engine` "auto" -> whole when it fits in MARGIN of `free` with a batch of one, else stream; `batch_size`
-    None -> the largest up to MAX_AUTO_BATCH (and the number of samples) that fits with the chosen engine."""
+    None -> the largest up to `max_batch` (and the number of samples) that fits with the chosen engine."""
     if size is None or free is None:
         why = "config.json does not give the model's shape" if size is None else "free memory is unknown"
         return Choice("stream" if engine == "auto" else engine, batch_size or 1, f"{why}: streaming is safe")
@@ -107,7 +116,7 @@ def choose(
             f"{MARGIN:.0%} of the {free / 1e9:.3g} GB free"
         )
     if batch_size is None:
-        limit = max(1, min(num_samples, MAX_AUTO_BATCH))
+        limit = max(1, min(num_samples, max_batch))
         fits = [b for b in range(1, limit + 1) if size.needed(used, b, seq_len, element, gradients) <= room]
         batch_size = max(fits, default=1)
     return Choice(used, batch_size, reason)
