@@ -18,9 +18,8 @@ MAX_AUTO_BATCH = 8  # larger batches gain little once a batch's matmuls fill the
 
 def batch_limit(device: str) -> int:
     """The largest batch picked by default. A GPU sits mostly idle on one sample; on a CPU one sample of a
-    few hundred tokens already fills the cores, and a batch only adds memory traffic (benchmarks/
-    RESULTS-speed.md, 2026-12-03: the whole engine took 48 s for 8 samples in batches of one, 89-120 s in
-    one batch of 8)."""
+    few hundred tokens already fills the cores' matmuls, while a batch multiplies the activations' memory
+    (and no gain from batching showed through the noise of benchmarks/RESULTS-speed.md, 2026-12-03)."""
     return MAX_AUTO_BATCH if device.startswith("cuda") else 1
 
 
