@@ -43,6 +43,15 @@ CONFIGS: dict[str, dict[str, int]] = {
 }
 # Llama-2-7B's width with a quarter of its depth: the streaming engine's peak memory should not change.
 CONFIGS["llama-2-7b-8-layers"] = {**CONFIGS["llama-2-7b"], "num_hidden_layers": 8}
+# A few MB: what gpu_check.py --dry-run runs its commands on.
+CONFIGS["tiny-llama"] = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 
 
 def tensor_shapes(shape: dict[str, int]) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -6,10 +6,12 @@ to a .jsonl file that every method reads. Everything runs in float32 (what `tlor
 with the same number of torch threads.
 
 What is timed:
-- tlora (stream / whole): the whole `tlora init` process (imports included), and its own per-phase
-  timings from tlora_metadata.json; one untimed `tlora init --num-samples 1` runs first as warm-up.
-- floor: forward + backward of every sample, batch of one, in transformers, with only the target
-  projections' weights requiring grad; the model load and one warm-up sample are not timed.
+- tlora: the default (`--engine auto`, the batch size it picks), then whole and stream with batches of
+  one and with the default batch: the whole `tlora init` process (imports included), and its own
+  per-phase timings from tlora_metadata.json; one untimed `tlora init --num-samples 1` runs first as warm-up.
+- floor: forward + backward of every sample in transformers, in batches of one and of the default run's
+  batch size, with only the target projections' weights requiring grad; the model load and one
+  warm-up batch are not timed.
 - CorDA: `preprocess_corda` (covariances + one SVD per target), then `get_peft_model`.
 - EVA: `get_eva_state_dict` (forward passes with incremental SVD until converged), then the LoRA init.
 """
@@ -37,16 +39,19 @@ from common import (
     markdown_table,
     run_measured,
     shell,
-    timings,
     tlora_script,
     wait_until_quiet,
 )
 
-# tlora's phases; the whole engine has forward_backward where the streaming one has capture, forward, backward.
-PHASES = ("data", "load", "capture", "forward", "backward", "forward_backward", "fingerprint", "factorisation")
-PHASES += ("writing",)
+# tlora's phases; the whole engine has forward_backward where the streaming one has capture, forward, backward
+# (and layer_reads, load_wait: time reading layers, and the part of it the computation waited for).
+PHASES = ("data", "load", "capture", "forward", "backward", "forward_backward", "layer_reads", "load_wait")
+PHASES += ("fingerprint", "factorisation", "writing")
+# (engine, --batch-size): None is the default batch size tlora picks from free memory.
+TLORA_RUNS = (("auto", None), ("whole", 1), ("whole", None), ("stream", 1), ("stream", None))
 COMPUTE_PHASES = ("capture", "forward", "backward", "forward_backward")
 FINISHING_PHASES = ("factorisation", "writing")
+BACKGROUND = ("layer_reads", "load_wait")  # inside the forward and backward phases already
 
 
 @dataclass
@@ -87,20 +92,23 @@ def timed(fn: Callable[[], object], max_load: float) -> tuple[float, float]:
     return time.perf_counter() - start, load
 
 
-def floor(path: Path, samples: list[torch.Tensor], max_load: float) -> tuple[float, float]:
-    """Forward + backward per sample, gradients only for the targets' weights: what any method must at least do."""
+def floor(path: Path, samples: list[torch.Tensor], batch_size: int, max_load: float) -> tuple[float, float]:
+    """Forward + backward per batch, gradients only for the targets' weights: what any method must at least do.
+    The samples all have the same length, so batches need no padding."""
     model = load_model(path)
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in SUFFIXES:
             module.weight.requires_grad_(True)
 
-    def run(batch: list[torch.Tensor]) -> None:
-        for ids in batch:
+    batches = [torch.cat(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+
+    def run(some: list[torch.Tensor]) -> None:
+        for ids in some:
             model(input_ids=ids, labels=ids).loss.backward()
 
-    run(samples[:1])  # warm-up
+    run(batches[:1])  # warm-up
     model.zero_grad(set_to_none=True)
-    return timed(lambda: run(samples), max_load)
+    return timed(lambda: run(batches), max_load)
 
 
 def corda(path: Path, samples: list[torch.Tensor], rank: int, max_load: float) -> tuple[float, float, float]:
@@ -165,13 +173,21 @@ def eva(path: Path, samples: list[torch.Tensor], rank: int, max_load: float) -> 
     return seconds, init + time.perf_counter() - start, passes, load
 
 
-def tlora(model: Path, data: Path, out: Path, args: argparse.Namespace, engine: str, num_samples: int) -> Measured:
-    command = [tlora_script(), "init", "--model", model, "--data", data, "--num-samples", num_samples]
-    command += ["--seq-len", args.seq_len, "--budget-rank", args.budget_rank, "--device", "cpu"]
-    command += ["--engine", engine, "--quiet", "--overwrite", "-o", out]
+def tlora(
+    model: Path, data: Path, out: Path, args: argparse.Namespace, engine: str, num_samples: int, batch: int | None
+) -> Measured:
+    command = [tlora_script(), "calibrate" if args.calibrate_only else "init", "--model", model, "--data", data]
+    command += ["--num-samples", num_samples, "--seq-len", args.seq_len, "--device", "cpu"]
+    command += [] if args.calibrate_only else ["--budget-rank", args.budget_rank]
+    command += ["--engine", engine, *(["--batch-size", batch] if batch else []), "--quiet", "--overwrite", "-o", out]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     wait_until_quiet(args.max_load)
     return run_measured(command, env=env).check()
+
+
+def record_file(args: argparse.Namespace) -> str:
+    """What the run writes its settings and timings into: a calibration folder's manifest, or the metadata."""
+    return "calibration.json" if args.calibrate_only else "tlora_metadata.json"
 
 
 def one_round(path: Path, data: Path, samples: list[torch.Tensor], work: Path, args: argparse.Namespace) -> Round:
@@ -179,26 +195,38 @@ def one_round(path: Path, data: Path, samples: list[torch.Tensor], work: Path, a
     figures: dict[tuple[str, str], tuple[float, float]] = {}
     phases: dict[str, dict[str, float]] = {}
     commands = []
-    for engine in ("stream", "whole"):
-        run = tlora(path, data, work / engine, args, engine, args.num_samples)
+    default_batch = 1
+    for engine, batch in TLORA_RUNS:
+        out = work / f"{engine}-{batch or 'default'}"
+        run = tlora(path, data, out, args, engine, args.num_samples, batch)
         commands.append(shell(run.command))
-        phases[engine] = timings(work / engine, "tlora_metadata.json")
-        method = f"tlora --engine {engine}"
-        compute = sum(v for k, v in phases[engine].items() if k in COMPUTE_PHASES)
-        calibration = sum(v for k, v in phases[engine].items() if k not in FINISHING_PHASES)
+        recorded = json.loads((out / record_file(args)).read_text())
+        calibration = recorded["settings"] if args.calibrate_only else recorded["calibration"]
+        if engine == "auto":
+            default_batch = calibration["batch_size"]
+        method = f"tlora --engine {engine}" + (f" --batch-size {batch}" if batch else "")
+        method += f" ({calibration['engine']['used']}, batch {calibration['batch_size']})"
+        phases[method] = recorded["timings"]
+        compute = sum(v for k, v in phases[method].items() if k in COMPUTE_PHASES)
+        calib = sum(v for k, v in phases[method].items() if k not in FINISHING_PHASES and k not in BACKGROUND)
         figures[method, "its forward and backward phases"] = (compute, run.load_at_start)
-        figures[method, "calibration: every phase but factorisation and writing"] = (calibration, run.load_at_start)
-        figures[method, "the whole process: imports, calibration, factorisation, writing"] = (
+        figures[method, "calibration: every phase but factorisation and writing"] = (calib, run.load_at_start)
+        figures[method, "the whole process: imports, calibration" + ("" if args.calibrate_only else ", A, writing")] = (
             run.wall_s,
             run.load_at_start,
         )
-    figures["floor", "forward + backward of every sample"] = floor(path, samples, args.max_load)
-    preprocess, init, load = corda(path, samples, args.budget_rank, args.max_load)
-    figures["CorDA (IPM)", "preprocess_corda"] = (preprocess, load)
-    figures["CorDA (IPM)", "preprocess_corda + get_peft_model"] = (preprocess + init, load)
-    state, init, passes, load = eva(path, samples, args.budget_rank, args.max_load)
-    figures["EVA", "get_eva_state_dict"] = (state, load)
-    figures["EVA", "get_eva_state_dict + LoRA init"] = (state + init, load)
+    for batch in dict.fromkeys((1, default_batch)):
+        figures[f"floor, batch {batch}", "forward + backward of every sample"] = floor(
+            path, samples, batch, args.max_load
+        )
+    passes = 0
+    if args.peft:
+        preprocess, init, load = corda(path, samples, args.budget_rank, args.max_load)
+        figures["CorDA (IPM)", "preprocess_corda"] = (preprocess, load)
+        figures["CorDA (IPM)", "preprocess_corda + get_peft_model"] = (preprocess + init, load)
+        state, init, passes, load = eva(path, samples, args.budget_rank, args.max_load)
+        figures["EVA", "get_eva_state_dict"] = (state, load)
+        figures["EVA", "get_eva_state_dict + LoRA init"] = (state + init, load)
     return Round(figures, phases, commands, passes)
 
 
@@ -211,6 +239,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="Run everything this often; report medians.")
     parser.add_argument("--max-load", type=float, default=1.0, help="Wait for the load average to drop to this.")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS-speed.md")
+    parser.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True, help="Also CorDA and EVA.")
+    parser.add_argument("--calibrate-only", action="store_true", help="Time `tlora calibrate`, not `tlora init`.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -230,32 +260,38 @@ def main() -> None:
     data = work / "packed.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
-    tlora(path, data, work / "warm-up", args, "stream", 1)
+    tlora(path, data, work / "warm-up", args, "stream", 1, None)
     rounds = [one_round(path, data, samples, work, args) for _ in range(args.repeats)]
-    tokens = json.loads((work / "stream" / "tlora_metadata.json").read_text())["calibration"]["num_tokens"]
+    tokens = json.loads((work / "auto-default" / record_file(args)).read_text())
+    tokens = tokens["num_tokens"] if args.calibrate_only else tokens["calibration"]["num_tokens"]
 
-    floor_s = statistics.median(r.figures["floor", "forward + backward of every sample"][0] for r in rounds)
+    floor_s = statistics.median(r.figures["floor, batch 1", "forward + backward of every sample"][0] for r in rounds)
     rows = []
     for method, what in rounds[0].figures:
         seconds = statistics.median(r.figures[method, what][0] for r in rounds if (method, what) in r.figures)
         load = statistics.median(r.figures[method, what][1] for r in rounds if (method, what) in r.figures)
         rows.append([method, what, f"{seconds:.1f}", f"{seconds / floor_s:.2f}x", f"{load:.2f}"])
     phase_rows = [
-        [engine, *(f"{statistics.median(r.phases[engine].get(p, 0.0) for r in rounds):.1f}" for p in PHASES)]
-        for engine in ("stream", "whole")
+        [method, *(f"{statistics.median(r.phases[method].get(p, 0.0) for r in rounds):.1f}" for p in PHASES)]
+        for method in rounds[0].phases
     ]
     append_results(
         args.results,
         f"Wall time, SmolLM2-135M, N={args.num_samples}, T={args.seq_len} ({tokens} tokens), CPU, "
         f"{args.threads} threads, float32",
         [
-            markdown_table(["method", "what is timed", "seconds", "vs floor", "load at start"], rows),
-            markdown_table(["tlora engine", *(f"{p} s" for p in PHASES)], phase_rows),
+            markdown_table(["method", "what is timed", "seconds", "vs floor, batch 1", "load at start"], rows),
+            markdown_table(["tlora run", *(f"{p} s" for p in PHASES)], phase_rows),
         ],
         [c for r in rounds for c in r.commands],
         f"Median of {args.repeats} round(s). Samples: {args.num_samples} texts of consecutive built-in math "
-        f"problems, cut to {args.seq_len} tokens. EVA cycles through them until its SVDs converge: "
-        f"{', '.join(str(r.eva_passes) for r in rounds)} forward passes.",
+        f"problems, cut to {args.seq_len} tokens. "
+        + (
+            f"EVA cycles through them until its SVDs converge: {', '.join(str(r.eva_passes) for r in rounds)} "
+            "forward passes."
+            if args.peft
+            else "CorDA and EVA not run (--no-peft)."
+        ),
     )
 
 

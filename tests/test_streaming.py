@@ -32,7 +32,8 @@ MODELS = [
     ("qwen3", {}),
     ("phi3", {}),
 ]
-COMMON = ("--num-samples", "4", "--seq-len", "32", "-q")
+SMALL = ("--num-samples", "4", "--seq-len", "32", "-q")
+COMMON = (*SMALL, "--engine", "stream")  # tiny models fit: --engine auto would pick whole
 
 
 @pytest.mark.parametrize(("arch", "options"), MODELS, ids=[f"{a}-{'-'.join(o) or 'plain'}" for a, o in MODELS])
@@ -73,15 +74,16 @@ def test_streamed_statistics_and_adapter_equal_the_whole_model(
     for engine in ("stream", "whole"):
         for command in ("calibrate", "init"):
             out = tmp_path / f"{command}-{engine}"
-            result = run_cli(command, "--model", model_dir, "--data", data_file, *COMMON, "--engine", engine, "-o", out)
+            result = run_cli(command, "--model", model_dir, "--data", data_file, *SMALL, "--engine", engine, "-o", out)
             assert result.code == 0, result.stderr
     assert_same_numbers(
         tmp_path / "calibrate-stream", tmp_path / "calibrate-whole", tmp_path / "init-stream", tmp_path / "init-whole"
     )
 
 
-def assert_same_numbers(calib: Path, calib_ref: Path, adapter: Path, adapter_ref: Path) -> None:
-    """Statistics to 1e-5 relative, the same subspaces for A, the same ranks and alphas."""
+def assert_same_numbers(calib: Path, calib_ref: Path, adapter: Path, adapter_ref: Path, alpha_rel: float = 0) -> None:
+    """Statistics to 1e-5 relative, the same subspaces for A, the same ranks, the same alphas (to `alpha_rel`
+    relative: they follow the scores' last bits)."""
     streamed, whole = load_calibration(calib), load_calibration(calib_ref)
     assert streamed.stats.input_of == whole.stats.input_of
     assert streamed.stats.num_tokens == whole.stats.num_tokens
@@ -95,8 +97,10 @@ def assert_same_numbers(calib: Path, calib_ref: Path, adapter: Path, adapter_ref
         if "lora_A" in key:
             r = a.shape[0]
             assert (torch.linalg.matrix_norm(a_stream[key].double() @ a.double().T) ** 2 / r).item() > 0.9999, key
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config == json.loads((adapter_ref / "adapter_config.json").read_text())
+    config, config_ref = (json.loads((a / "adapter_config.json").read_text()) for a in (adapter, adapter_ref))
+    for key in ("lora_alpha", "alpha_pattern"):
+        assert config.pop(key) == pytest.approx(config_ref.pop(key), rel=alpha_rel, abs=0)
+    assert config == config_ref
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -110,7 +114,7 @@ def test_streamed_on_cuda_equals_the_whole_model_on_cpu(arch, options, model_fac
     for device, flags in runs.items():
         for command in ("calibrate", "init"):
             out = tmp_path / f"{command}-{device}"
-            args = ("--model", model_dir, "--data", data_file, *COMMON, "--dtype", "float32", *flags, "-o", out)
+            args = ("--model", model_dir, "--data", data_file, *SMALL, "--dtype", "float32", *flags, "-o", out)
             result = run_cli(command, *args)
             assert result.code == 0, result.stderr
     assert_same_numbers(
@@ -142,6 +146,7 @@ def test_covariances_are_recomputed_when_host_memory_is_short(model_factory, dat
 
     needed = 2 * 4 * (3 * HIDDEN_SIZE**2 + INTERMEDIATE_SIZE**2)  # 2 layers
     args = ("--model", model_factory("llama"), "--data", data_file, "--num-samples", "4", "--seq-len", "32")
+    args += ("--engine", "stream")
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 10**12)
     roomy = run_cli("init", *args, "-o", tmp_path / "roomy")
     assert roomy.code == 0 and "host memory" not in roomy.stderr
@@ -193,7 +198,7 @@ def test_recomputed_covariances_are_freed_before_the_next_layer_runs(model_facto
 
     monkeypatch.setattr(LayerWalk, "forward_layer", forward_layer)
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
-    assert tiny_init(model_factory("llama"), tmp_path / "out").code == 0
+    assert tiny_init(model_factory("llama"), tmp_path / "out", "--engine", "stream").code == 0
     assert alive_at_load == [0, 0, 0, 0, 0, 0]  # forward 0, 1, backward 1, 0, recomputed 0, 1
 
 
@@ -205,7 +210,7 @@ def test_recomputed_covariances_equal_the_kept_ones_in_any_order(model_factory, 
     from tlora_cli.progress import Reporter
 
     source = ModelSource.open(str(model_factory("mistral", sliding_window=8)))
-    options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu")
+    options = CalibrationOptions(num_samples=4, seq_len=32, device="cpu", engine="stream")
     kept = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
     monkeypatch.setattr(host_memory, "available_host_memory", lambda: 1)
     recomputed = calibrate(source, str(data_file), options, Reporter(quiet=True))[0].stats
@@ -257,7 +262,16 @@ def test_methods_without_c_compute_no_covariance(engine, method, model_factory, 
 def test_offload_dir_is_emptied_on_failure(model_factory, tiny_init, tmp_path):
     offload = tmp_path / "offload"
     offload.mkdir()
-    result = tiny_init(model_factory("llama"), tmp_path / "out", "--offload-dir", offload, "--budget-rank", 100000)
+    result = tiny_init(
+        model_factory("llama"),
+        tmp_path / "out",
+        "--engine",
+        "stream",
+        "--offload-dir",
+        offload,
+        "--budget-rank",
+        100000,
+    )
     assert result.code == 1 and list(offload.iterdir()) == [] and not (tmp_path / "out").exists()
 
 
@@ -282,7 +296,9 @@ def test_a_checkpoint_missing_a_tensor_is_refused_in_one_line(model_factory, dat
 
 
 def test_targets_outside_the_layers_are_refused(model_factory, tiny_init, tmp_path):
-    result = tiny_init(model_factory("llama"), tmp_path / "out", "--target-modules", "q_proj,lm_head")
+    result = tiny_init(
+        model_factory("llama"), tmp_path / "out", "--engine", "stream", "--target-modules", "q_proj,lm_head"
+    )
     assert result.code == 1 and "lm_head is outside the decoder layers" in result.stderr
 
 
@@ -313,6 +329,8 @@ def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
             "200",
             "--offload-dir",
             str(offload),
+            "--engine",
+            "stream",
             "-q",
             "-o",
             str(out),
@@ -350,3 +368,48 @@ def test_a_checkpoint_opens_each_shard_once_however_many_tensors_it_reads(model_
         checkpoint.get(name)
     assert checkpoint.fingerprint
     assert sorted(opened) == sorted(shards)
+
+
+def test_reading_ahead_reads_every_layer_on_the_reader_thread_and_changes_no_number(
+    model_factory, tiny_init, tmp_path, monkeypatch
+):
+    """Each layer is read on the background thread while the one before it computes; off, on the main thread."""
+    import threading
+
+    threads: list[str] = []
+    original = StreamedModel._read_layer
+    monkeypatch.setattr(
+        StreamedModel,
+        "_read_layer",
+        lambda self, i, layer: threads.append(threading.current_thread().name) or original(self, i, layer),
+    )
+    model = model_factory("gemma3_text", sliding_window=8, num_layers=3)
+    for flag in ("--read-ahead", "--no-read-ahead"):
+        threads.clear()
+        assert tiny_init(model, tmp_path / flag, "--engine", "stream", flag).code == 0
+        reader = flag == "--read-ahead"
+        assert len(threads) == 6 and all(name.startswith("tlora-reader") == reader for name in threads), threads
+        timings = json.loads((tmp_path / flag / "tlora_metadata.json").read_text())["timings"]
+        assert timings["load_wait"] >= 0 and timings["layer_reads"] > 0
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "--read-ahead" / file).read_bytes() == (tmp_path / "--no-read-ahead" / file).read_bytes()
+
+
+def test_an_error_on_the_reader_thread_is_one_line(model_factory, tiny_init, tmp_path, monkeypatch):
+    import threading
+
+    import tlora_cli.model_io as model_io
+
+    original = model_io.Checkpoint.get
+
+    def get(self, name, shape=None):
+        if name == "model.layers.1.mlp.up_proj.weight":
+            assert threading.current_thread().name.startswith("tlora-reader")
+            raise model_io.TloraError(f"cannot read {name} from a shard: I/O error")
+        return original(self, name, shape)
+
+    monkeypatch.setattr(model_io.Checkpoint, "get", get)
+    result = tiny_init(model_factory("llama"), tmp_path / "out", "--engine", "stream")
+    assert result.code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "error: cannot read model.layers.1.mlp.up_proj.weight from a shard: I/O error"
+    assert not (tmp_path / "out").exists()

@@ -112,7 +112,20 @@ Dtype = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed of the sample selection.")]
 Engine = Annotated[
     str,
-    typer.Option(help="stream: one decoder layer on the device at a time; whole: the model in memory at once."),
+    typer.Option(
+        help="auto: whole if the model, its statistics and a batch fit in free memory, else stream; "
+        "stream: one decoder layer on the device at a time; whole: the model in memory at once."
+    ),
+]
+ReadAhead = Annotated[
+    bool, typer.Option(help="Stream engine: read the next layer from disk while one computes (timings: load_wait).")
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        help="Samples run at once (each keeps its own importance score). "
+        "Default: the most that fit, up to 8, on a GPU; 1 on CPU."
+    ),
 ]
 OffloadDir = Annotated[
     Path | None,
@@ -269,7 +282,9 @@ def calibration_flags(
     device: Device = None,
     dtype: Dtype = "auto",
     seed: Seed = 0,
-    engine: Engine = "stream",
+    engine: Engine = "auto",
+    batch_size: BatchSize = None,
+    read_ahead: ReadAhead = True,
     offload_dir: OffloadDir = None,
 ) -> dict[str, Any]:
     """CalibrationOptions' fields that calibrate and init share."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -109,6 +110,7 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
         self.handles: dict[Path, Any] = {}
+        self.opening = threading.Lock()
         index = path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -140,12 +142,13 @@ class Checkpoint:
     def shard(self, file: Path) -> Any:
         """The shard's reader, opened once and kept (as mergekit does): a layer's dozen tensors come from the
         same shard, and every open parses its header again. A reader maps the file; it holds no tensor."""
-        if file not in self.handles:
-            try:
-                self.handles[file] = safe_open(file, "pt")
-            except (SafetensorError, OSError) as e:
-                raise _shard_error(file, e) from e
-        return self.handles[file]
+        with self.opening:  # the stream engine's reader thread reads too
+            if file not in self.handles:
+                try:
+                    self.handles[file] = safe_open(file, "pt")
+                except (SafetensorError, OSError) as e:
+                    raise _shard_error(file, e) from e
+            return self.handles[file]
 
     def get(self, name: str, shape: torch.Size | None = None) -> torch.Tensor:
         """One tensor; with `shape`, a one-line error when the checkpoint's differs (config.json disagrees)."""
@@ -159,6 +162,17 @@ class Checkpoint:
                 "the weights and config.json do not belong together"
             )
         return tensor
+
+    def num_elements(self) -> int:
+        """Every tensor's element count summed, from the shards' headers (no tensor is read)."""
+        total = 0
+        for name, file in self.files.items():
+            try:
+                shape = self.shard(file).get_slice(name).get_shape()
+            except (SafetensorError, RuntimeError, OSError) as e:
+                raise _shard_error(file, e) from e
+            total += int(torch.Size(shape).numel())
+        return total
 
     def first_rows(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The first row of every tensor, grouped by file so each shard is opened once."""

@@ -32,8 +32,10 @@ class CalibrationOptions:
     device: str | None = None
     dtype: str = "auto"
     seed: int = 0
-    engine: str = "stream"
+    engine: str = "auto"
+    batch_size: int | None = None  # None: the largest that fits (calib/sizing.py)
     offload_dir: Path | None = None
+    read_ahead: bool = True  # stream engine: read the next layer while one computes
     gradients: bool = False  # also collect what --method lora-da needs
     covariances: bool = True  # False for methods that never read C (random, w-svd)
     recipe: str = "default"
@@ -47,8 +49,10 @@ class CalibrationOptions:
             raise TloraError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.samples < 1:
             raise TloraError(f"--num-samples must be at least 1, got {self.samples}")
-        if self.engine not in ("stream", "whole"):
-            raise TloraError(f"--engine must be stream or whole, got {self.engine!r}")
+        if self.engine not in ("auto", "stream", "whole"):
+            raise TloraError(f"--engine must be auto, stream or whole, got {self.engine!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise TloraError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.offload_dir is not None and not self.offload_dir.is_dir():
             raise TloraError(f"--offload-dir {self.offload_dir} is not an existing folder: create it first")
 

@@ -16,6 +16,7 @@ from .adapter import write_adapter, write_metadata
 from .allocation import ModuleAllocation, allocate, allocate_released
 from .calib.collector import Collector
 from .calib.folder import Calibration, load_calibration, save_calibration, statistic_stores
+from .calib.sizing import Choice, ModelSize, batch_limit, choose, free_memory
 from .calib.statistics import Statistics
 from .calib.store import scratch_folder
 from .calib.stream import stream_statistics
@@ -86,7 +87,7 @@ def calibrate(
     dist: Dist | None = None,
     spread: bool = False,
 ) -> tuple[Calibration, WeightOf]:
-    """Statistics per SPEC.md, streamed layer by layer (or on the whole model with engine="whole").
+    """Statistics per SPEC.md, on the whole model or streamed layer by layer (engine "auto": whichever fits).
 
     Statistics go to files under `stats_dir` as they are finished when one is given (a calibration
     directory being written, or scratch space in --offload-dir), else they stay in host memory.
@@ -104,18 +105,21 @@ def calibrate(
     stores = statistic_stores(stats_dir, options.gradients)
     n = len(calib_set.samples)
     samples = [calib_set.samples[i] for i in dist.share(n)]  # all of them without torchrun
-    if options.engine == "whole":
+    choice = _choose_engine(source, options, len(samples), device, dtype, reporter, dist)
+    if choice.engine == "whole":
         with reporter.phase("load", "Loading the whole model"):
             model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(samples)) as step:
-            stats = whole_statistics(model, targets, samples, collector, stores, step)
+            stats = whole_statistics(model, targets, samples, collector, stores, choice.batch_size, step)
         weight_of = weights_from_model(model)
     else:
         with reporter.phase("load", "Loading embeddings and head"):
-            streamed = StreamedModel(source.path, source.checkpoint, dtype, device)
+            streamed = StreamedModel(source.path, source.checkpoint, dtype, device, options.read_ahead)
         targets = streamed.targets(suffixes)
-        stats = stream_statistics(streamed, targets, samples, collector, stores, options.offload_dir, reporter)
+        stats = stream_statistics(
+            streamed, targets, samples, collector, stores, options.offload_dir, reporter, choice.batch_size
+        )
         weight_of = weights_from_checkpoint(source.checkpoint)
     tokens = sum(len(s.input_ids) for s in calib_set.samples)
     owners = collector.owners if spread and dist.active else None
@@ -125,7 +129,8 @@ def calibrate(
     settings = {
         "target_modules": list(suffixes),
         "center": options.centred,
-        "engine": options.engine,
+        "engine": {"requested": options.engine, "used": choice.engine, "reason": choice.reason},
+        "batch_size": choice.batch_size,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         **({"distributed": dist.record(n, owners)} if dist.active else {}),
@@ -133,6 +138,41 @@ def calibrate(
     model_info = {"name": source.name, "fingerprint": fingerprint}
     provenance = {**calib_set.provenance, **_data_record(calib_set, options)}
     return Calibration(stats, model_info, provenance, settings, dict(reporter.timings)), weight_of
+
+
+def _choose_engine(
+    source: ModelSource,
+    options: CalibrationOptions,
+    num_samples: int,
+    device: str,
+    dtype: torch.dtype,
+    reporter: Reporter,
+    dist: Dist,
+) -> Choice:
+    """The engine and batch size from free memory where not given (calib/sizing.py), said on stderr.
+
+    Under torchrun every rank takes the same engine (the engines' collectives differ): streaming when any
+    rank's memory calls for it, and the smallest batch size any rank picked.
+    """
+    size = ModelSize.of(read_config(source.path), source.checkpoint.num_elements())
+    free = free_memory(device)
+    choice = choose(
+        size,
+        options.engine,
+        options.batch_size,
+        num_samples,
+        options.seq_len,
+        dtype,
+        options.gradients,
+        free,
+        batch_limit(device),
+    )
+    if dist.active:
+        choices = dist.all_gather(choice)
+        choice = next((c for c in choices if c.engine == "stream"), choice)
+        choice = dataclasses.replace(choice, batch_size=min(c.batch_size for c in choices))
+    reporter.info(f"engine: {choice.engine}, batch size {choice.batch_size} ({choice.reason})")
+    return choice
 
 
 def _read_data(

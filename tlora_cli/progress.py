@@ -27,8 +27,8 @@ class Reporter:
         self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     @contextmanager
-    def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[[], None]]:
-        """A timed phase with a bar; the yielded callable advances it by one."""
+    def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        """A timed phase with a bar; the yielded callable advances it by one (or by its argument)."""
         start = time.perf_counter()
         with Progress(
             TextColumn("{task.description}"),
@@ -39,7 +39,11 @@ class Reporter:
             disable=self.console.quiet,
         ) as bar:
             task = bar.add_task(description, total=total)
-            yield lambda: bar.advance(task)
+            yield lambda count=1: bar.advance(task, count)
             if total is None:
                 bar.update(task, total=1, completed=1)
-        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+        self.record(name, time.perf_counter() - start)
+
+    def record(self, name: str, seconds: float) -> None:
+        """A time measured elsewhere (a background thread's), beside the phases'."""
+        self.timings[name] = round(self.timings.get(name, 0.0) + seconds, 3)

@@ -1,8 +1,9 @@
 """What calibration measures, as hooks on the target modules: both engines run the model, this measures it.
 
-Covariances come from forward pre-hooks (X^T X once per distinct input), importance scores and LoRA-DA's
-gradient moments from backward hooks. Sums stay where the model runs until `finish()` turns them into means;
-under torchrun every rank's sums and counts are added up right before, each on the rank that holds it.
+Covariances come from forward pre-hooks (X^T X once per distinct input, real tokens only), importance
+scores and LoRA-DA's gradient moments from each module's input and output gradient, per sample of a
+batch. Sums stay where the model runs until `finish()` turns them into means; under torchrun every rank's
+sums and counts are added up right before, each on the rank that holds it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..distributed import Dist
 from ..errors import TloraError
+
+CHUNK_BYTES = 256 * 2**20  # per-sample weight gradients formed at once, in float32
 
 
 class InputGroups:
@@ -48,22 +50,44 @@ class InputGroups:
         self.live.clear()
 
 
-def accumulate_xtx(acc: dict[str, torch.Tensor], key: str, x: torch.Tensor, center: bool) -> None:
-    """Add X^T X of one sample's (tokens x in) input in float32, never in the model's bf16."""
-    flat = x.detach().reshape(-1, x.shape[-1]).float()
+def accumulate_xtx(acc: dict[str, torch.Tensor], key: str, x: torch.Tensor, center: bool, mask: torch.Tensor) -> None:
+    """Add X^T X over a batch's real tokens (x: batch x tokens x in, `mask` True on real tokens) in float32,
+    never in the model's bf16; centred, each sample loses its own mean over its own tokens."""
+    x = x.detach().float()
+    keep = mask.unsqueeze(-1)
     if center:
-        flat = flat - flat.mean(dim=0, keepdim=True)
+        x = x - torch.where(keep, x, 0).sum(dim=1, keepdim=True) / mask.sum(dim=1).view(-1, 1, 1)
+    flat = torch.where(keep, x, 0).reshape(-1, x.shape[-1])
     if key in acc:
         acc[key].addmm_(flat.T, flat)
     else:
         acc[key] = flat.T @ flat
 
 
+def per_sample_scores(weight: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """mean|W * dL_n/dW| for each sample n of a batch, in float64 (batch,).
+
+    dL_n/dW = G_n^T X_n from the module's input X_n (tokens x in) and output gradient G_n (tokens x out),
+    the per-sample gradient identity of a linear layer (Opacus); formed for a few samples at a time and
+    reduced at once, so at most CHUNK_BYTES of them exist.
+    """
+    out_features, in_features = weight.shape
+    step = max(1, CHUNK_BYTES // (out_features * in_features * 4))
+    scores = []
+    for start in range(0, x.shape[0], step):
+        grads = torch.bmm(grad[start : start + step].transpose(1, 2), x[start : start + step])
+        if grads.dtype not in (torch.float32, torch.float64):
+            grads = grads.float()  # a bf16 product would lose the score's low bits
+        # In place on the gradients, freed here anyway: no temporaries (float32's pairwise sum is accurate to ~1e-7).
+        scores.append(grads.mul_(weight).abs_().sum(dim=(1, 2)).double() / weight.numel())
+    return torch.cat(scores)
+
+
 def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     if name in acc:
         acc[name].add_(value)
     else:
-        acc[name] = value.clone()
+        acc[name] = value
 
 
 class Collector:
@@ -95,6 +119,7 @@ class Collector:
         self.score_sum: dict[str, torch.Tensor] = {}
         self.grad_sum: dict[str, torch.Tensor] = {}
         self.out_sq_sum: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # the running batch's real tokens (Batch.mask), set by the engine
 
     @property
     def input_of(self) -> dict[str, str]:
@@ -109,7 +134,7 @@ class Collector:
             def hook(_module: torch.nn.Module, args: tuple) -> None:
                 key, first = self.groups.key(name, args[0])
                 if first and keep:
-                    accumulate_xtx(self.cov_sum, key, args[0], self.center)
+                    accumulate_xtx(self.cov_sum, key, args[0], self.center, self.mask)
 
             return hook
 
@@ -127,53 +152,37 @@ class Collector:
 
     @contextlib.contextmanager
     def watching_gradients(self, modules: Mapping[str, torch.nn.Module]) -> Iterator[None]:
-        """Each weight's gradient reduced to its score (and moments) as it lands, then freed at once."""
+        """Each module's per-sample weight gradients, from its input and the gradient reaching its output, reduced
+        to their scores (and LoRA-DA's moments) as that gradient lands. No weight needs a gradient: the caller
+        makes the modules' inputs require one."""
         handles = []
         self.shapes.update({name: tuple(module.weight.shape) for name, module in modules.items()})
         for name, module in modules.items():
-            weight = module.weight
-            weight.requires_grad_(True)
-            self.score_sum[name] = torch.zeros((), dtype=torch.float64, device=weight.device)
-            handles.append(weight.register_post_accumulate_grad_hook(self._score_hook(name)))
-            if self.gradients:
-                handles.append(module.register_forward_hook(self._output_hook(name)))
+            self.score_sum[name] = torch.zeros((), dtype=torch.float64, device=module.weight.device)
+            handles.append(module.register_forward_hook(self._gradient_hook(name)))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
-            for module in modules.values():
-                module.weight.requires_grad_(False)
-                module.weight.grad = None
 
-    def _score_hook(self, name: str) -> Callable[[torch.Tensor], None]:
-        """Post-accumulate-grad hook: add mean|W * dL_n/dW| to the score, then free the gradient."""
-        total = self.score_sum[name]
+    def _gradient_hook(self, name: str) -> Callable:
+        """Forward hook: keep the module's input until its output's gradient arrives, then reduce both."""
 
-        def hook(param: torch.Tensor) -> None:
-            grad = param.grad
-            if self.gradients:
-                _add(self.grad_sum, name, grad.detach().float())
-            if grad.dtype not in (torch.float32, torch.float64):
-                grad = grad.float()  # a bf16 product would lose the score's low bits
-            # In place on the gradient, which is freed here anyway: no temporaries, ten times faster than a
-            # product, its abs and a float64 mean (float32's pairwise sum is accurate to ~1e-7).
-            total.add_(grad.mul_(param.detach()).abs_().sum(), alpha=1 / grad.numel())
-            param.grad = None
-
-        return hook
-
-    def _output_hook(self, name: str) -> Callable:
-        """Forward hook: square the gradient that will reach the module's output, summed over tokens."""
-
-        def add(grad: torch.Tensor) -> None:
-            _add(self.out_sq_sum, name, grad.detach().float().pow(2).reshape(-1, grad.shape[-1]).sum(dim=0))
-
-        def hook(_module: torch.nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:
-                output.register_hook(add)
+                x = args[0].detach()
+                output.register_hook(lambda grad: self._add_gradient(name, module.weight.detach(), x, grad.detach()))
 
         return hook
+
+    def _add_gradient(self, name: str, weight: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> None:
+        """Pads add nothing: no loss depends on them, so their output gradient is zero."""
+        self.score_sum[name].add_(per_sample_scores(weight, x, grad).sum())
+        if self.gradients:
+            flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            _add(self.grad_sum, name, flat_grad.T @ flat_x)  # sum over samples of dL_n/dW
+            _add(self.out_sq_sum, name, flat_grad.pow(2).sum(dim=0))
 
     def check_finite(self, fallback: str | None = None) -> None:
         """Raise naming the first input whose covariance holds a NaN or inf (or `fallback` when none does)."""
@@ -239,11 +248,3 @@ class Collector:
                 self.load[rank] += sum(self.shapes[n][0] * self.shapes[n][1] ** 2 for n in readers)
             self.owners[key] = rank
         return self.owners[key]
-
-
-def sample_loss(logits: torch.Tensor, labels: torch.Tensor, index: int) -> torch.Tensor:
-    """Mean next-token cross-entropy of one sample over its loss tokens (batch of one)."""
-    targets = labels[0, 1:]
-    if not (targets != -100).any():
-        raise TloraError(f"calibration sample {index} has no token to predict: it needs at least 2 tokens")
-    return F.cross_entropy(logits[0, :-1].float(), targets, ignore_index=-100)

@@ -16,18 +16,19 @@ from ..data import EncodedSample
 from ..errors import TloraError
 from ..progress import Reporter
 from ..targets import Target
-from .collector import Collector, sample_loss
+from .batches import batch_loss, make_batches
+from .collector import Collector
 from .host_memory import covariances_too_big
 from .statistics import Statistics, StatisticStores
 from .store import TensorStore, scratch_folder
 from .streamed_model import StreamedModel, first_tensor
 
-Step = Callable[[], None]
+Step = Callable[..., None]
 Finished = dict[str, dict[str, torch.Tensor]]
 
 
 class LayerInputs:
-    """What each decoder layer receives per sample: its hidden states (a store: host memory or an offload
+    """What each decoder layer receives per batch: its hidden states (a store: host memory or an offload
     folder), and the other arguments (masks, position embeddings) the model's own forward built for it."""
 
     def __init__(self, folder: Path | None):
@@ -44,7 +45,7 @@ class LayerInputs:
         self.store.drop(f"h{layer}-{n}")
 
     def put_grad(self, n: int, grad: torch.Tensor) -> None:
-        """dL_n/d(hidden states) at the layer the backward pass has reached."""
+        """dL/d(hidden states) of batch n at the layer the backward pass has reached."""
         self.store.put(f"g-{n}", grad)
 
     def grad(self, n: int, device: torch.device) -> torch.Tensor:
@@ -54,12 +55,13 @@ class LayerInputs:
         return self.calls[n][layer]
 
     def host_bytes(self, layer: int) -> int:
-        """Host memory one layer's inputs take over all samples (0 when offloaded)."""
+        """Host memory one layer's inputs take over all batches (0 when offloaded)."""
         return sum(self.store.nbytes(f"h{layer}-{n}") for n in range(len(self.calls)))
 
 
 class LayerWalk:
-    """Runs samples through a StreamedModel layer by layer, with a collector's hooks on each layer's targets."""
+    """Runs batches of samples through a StreamedModel layer by layer, with a collector's hooks on each layer's
+    targets."""
 
     def __init__(
         self,
@@ -68,8 +70,10 @@ class LayerWalk:
         samples: Sequence[EncodedSample],
         collector: Collector,
         inputs: LayerInputs,
+        batch_size: int = 1,
     ):
         self.streamed, self.samples, self.collector, self.inputs = streamed, samples, collector, inputs
+        self.batches = make_batches(samples, batch_size, streamed.device)
         self.by_layer = streamed.targets_by_layer(targets)
         self.num_tokens = sum(len(s.input_ids) for s in samples)
 
@@ -77,24 +81,27 @@ class LayerWalk:
         return self.collector.finish(len(self.samples), self.num_tokens)
 
     def capture(self, step: Step | None = None) -> None:
-        """Every sample's input to layer 0, and every layer's other arguments."""
+        """Every batch's input to layer 0, and every layer's other arguments."""
         streamed = self.streamed
+        streamed.read_ahead(0)
         with streamed.holding(streamed.embeddings):
-            for n, sample in enumerate(self.samples):
-                hidden, calls = streamed.capture(torch.tensor([sample.input_ids], device=streamed.device))
+            for n, batch in enumerate(self.batches):
+                hidden, calls = streamed.capture(batch.input_ids, batch.attention_mask)
                 self.inputs.put(0, n, hidden)
                 self.inputs.calls.append(calls)
                 if step:
-                    step()
+                    step(len(batch))
 
     def forward_layer(self, index: int, covariances: bool = True) -> Finished:
-        """Every sample through one layer, its outputs stored as the next layer's inputs; returns what the
+        """Every batch through one layer, its outputs stored as the next layer's inputs; returns what the
         collector finished (the layer's covariances, on the device), which the caller moves off at once."""
         layer = self.streamed.load_layer(index)
+        self.streamed.read_ahead(index + 1)
         modules = self.streamed.layer_modules(index, self.by_layer.get(index, []))
         try:
             with self.collector.watching_inputs(modules, covariances), torch.no_grad():
-                for n in range(len(self.samples)):
+                for n, batch in enumerate(self.batches):
+                    self.collector.mask = batch.mask
                     args, kwargs = self.inputs.call(index, n)
                     out = first_tensor(layer(self.inputs.get(index, n, self.streamed.device), *args, **kwargs))
                     self.collector.end_forward()
@@ -107,10 +114,11 @@ class LayerWalk:
         """Loss at the head, then each layer recomputed with grad, in reverse; returns the scores."""
         streamed, device, inputs = self.streamed, self.streamed.device, self.inputs
         num_layers = len(streamed.layers)
+        streamed.read_ahead(num_layers - 1)
         with streamed.holding(streamed.head):
-            for n, sample in enumerate(self.samples):
+            for n, batch in enumerate(self.batches):
                 last = inputs.get(num_layers, n, device).requires_grad_(True)
-                loss = sample_loss(streamed.logits(last), torch.tensor([sample.labels], device=device), n)
+                loss = batch_loss(streamed.logits(last), batch)
                 if not torch.isfinite(loss):
                     self.collector.check_finite("the output head")
                 loss.backward()
@@ -119,10 +127,11 @@ class LayerWalk:
         scores: dict[str, float] = {}
         for index in reversed(range(num_layers)):
             layer = streamed.load_layer(index)
+            streamed.read_ahead(index - 1)
             with self.collector.watching_gradients(streamed.layer_modules(index, self.by_layer.get(index, []))):
-                for n in range(len(self.samples)):
+                for n in range(len(self.batches)):
                     args, kwargs = inputs.call(index, n)
-                    x = inputs.get(index, n, device).requires_grad_(index > 0)
+                    x = inputs.get(index, n, device).requires_grad_(True)  # the targets' outputs need a gradient
                     out = first_tensor(layer(x, *args, **kwargs))
                     if out.requires_grad:
                         out.backward(inputs.grad(n, device))
@@ -146,6 +155,7 @@ def stream_statistics(
     stores: StatisticStores,
     offload_dir: Path | None,
     reporter: Reporter,
+    batch_size: int = 1,
 ) -> Statistics:
     """Covariance on the way up, importance on the way down; one layer on the device at any time.
 
@@ -155,7 +165,7 @@ def stream_statistics(
     """
     num_layers = len(streamed.layers)
     with scratch_folder(offload_dir, "tlora-offload-") as folder:
-        walk = LayerWalk(streamed, targets, samples, collector, LayerInputs(folder))
+        walk = LayerWalk(streamed, targets, samples, collector, LayerInputs(folder), batch_size)
         with reporter.phase("capture", "Capturing layer inputs", len(samples)) as step:
             walk.capture(step)
         recompute = False
@@ -177,8 +187,13 @@ def stream_statistics(
                 step()
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
             scores = walk.backward(stores, step)
+    # Reading layers on the reader thread overlaps the computation: of read time, only the wait costs.
+    reporter.record("layer_reads", streamed.read_seconds)
+    reporter.record("load_wait", streamed.wait_seconds)
     input_of = collector.input_of
-    covariances = RecomputedCovariances(streamed, targets, input_of, samples, collector) if recompute else None
+    covariances = (
+        RecomputedCovariances(streamed, targets, input_of, samples, collector, batch_size) if recompute else None
+    )
     return stores.statistics(targets, input_of, scores, samples, covariances)
 
 
@@ -197,8 +212,9 @@ class RecomputedCovariances(Mapping):
         input_of: dict[str, str],
         samples: Sequence[EncodedSample],
         measured: Collector,
+        batch_size: int,
     ):
-        self.streamed, self.targets, self.samples = streamed, targets, samples
+        self.streamed, self.targets, self.samples, self.batch_size = streamed, targets, samples, batch_size
         self.center, self.dtype = measured.center, measured.dtype  # as the calibration measured them
         self.keys_ = list(dict.fromkeys(input_of.values()))  # model order
         self.layer, self.current = -1, {}
@@ -212,13 +228,15 @@ class RecomputedCovariances(Mapping):
             self.layer = -1
         if self.layer < 0:
             collector = Collector(self.center, covariances=True, gradients=False, dtype=self.dtype)
-            self.walk = LayerWalk(self.streamed, self.targets, self.samples, collector, LayerInputs(None))
+            self.walk = LayerWalk(
+                self.streamed, self.targets, self.samples, collector, LayerInputs(None), self.batch_size
+            )
             self.walk.capture()
         while self.layer < target:
             self.layer += 1
             self.current.clear()  # the last layer's covariances are not held while the next one runs
             self.current = self.walk.forward_layer(self.layer, covariances=self.layer == target)["covariances"]
-            for n in range(len(self.samples)):
+            for n in range(len(self.walk.batches)):
                 self.walk.inputs.drop(self.layer, n)
         return self.current[key]
 

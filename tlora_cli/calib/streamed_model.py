@@ -1,7 +1,8 @@
 """A causal LM streamed from its checkpoint: a meta skeleton whose decoder layers are read one at a time.
 
 The embeddings, final norm and head are read from the checkpoint only while used, each decoder layer only
-while it runs. Stand-in layers take the decoder layers' places in the model's own forward, to capture what
+while it runs (with `read_ahead`, the next layer is read on a background thread while one computes).
+Stand-in layers take the decoder layers' places in the model's own forward, to capture what
 each layer receives (masks, position embeddings) or to feed the head a given last hidden state.
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +62,22 @@ def first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-class StreamedModel:
-    """A causal LM whose decoder layers are read from the checkpoint one at a time."""
+Read = list[tuple[torch.nn.Module, dict[str, torch.Tensor]]]  # a layer's modules and their tensors, on the host
 
-    def __init__(self, path: Path, checkpoint: Checkpoint, dtype: torch.dtype, device: str):
+
+class StreamedModel:
+    """A causal LM whose decoder layers are read from the checkpoint one at a time.
+
+    `read_seconds` is the time spent reading layers, `wait_seconds` the part of it the computation waited for.
+    """
+
+    def __init__(self, path: Path, checkpoint: Checkpoint, dtype: torch.dtype, device: str, read_ahead: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, torch.device(device)
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tlora-reader") if read_ahead else None
+        self.pending: tuple[int, Future[Read]] | None = None
+        self.read_seconds = self.wait_seconds = 0.0
         try:
             config = AutoConfig.from_pretrained(path)
             with parameters_on_meta():
@@ -109,9 +121,11 @@ class StreamedModel:
             names[name] = key
         return names
 
-    def _load(self, module: torch.nn.Module, prefix: str) -> None:
-        """Give `module`'s own meta parameters their checkpoint values, on the device, frozen."""
-        for pname, param in list(module._parameters.items()):
+    def _read(self, module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """`module`'s own parameters from the checkpoint, on the host: pinned when bound for a GPU, so the copy
+        there can overlap the computation."""
+        tensors = {}
+        for pname, param in module._parameters.items():
             if param is None:
                 continue
             name = f"{prefix}.{pname}" if prefix else pname
@@ -120,11 +134,21 @@ class StreamedModel:
                     f"the checkpoint has no tensor {name}: it does not match its config.json, or stores weights "
                     "in a layout the streaming engine cannot read (try --engine whole)"
                 )
-            value = self.checkpoint.get(self.key_of[name], param.shape).to(self.device, self.dtype)
+            value = self.checkpoint.get(self.key_of[name], param.shape)
+            tensors[pname] = value.pin_memory() if self.device.type == "cuda" else value
+        return tensors
+
+    def _place(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Give `module`'s meta parameters these values, on the device in the compute dtype, frozen."""
+        for pname, value in tensors.items():
+            value = value.to(self.device, non_blocking=True).to(self.dtype)
             module._parameters[pname] = torch.nn.Parameter(value, requires_grad=False)
         for bname, buf in module._buffers.items():
             if buf is not None:
                 module._buffers[bname] = buf.to(self.device)
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        self._place(module, self._read(module, prefix))
 
     def _release(self, module: torch.nn.Module) -> None:
         for owner in module.modules():
@@ -164,11 +188,34 @@ class StreamedModel:
         """The decoder layer a module belongs to: `model.layers.3.mlp.up_proj` -> 3."""
         return int(name[len(self.prefix) + 1 :].split(".")[0])
 
+    def _read_layer(self, index: int, layer: torch.nn.Module) -> Read:
+        """`layer` is looked up by the caller: while a stand-in holds its place, self.layers has the stand-in."""
+        start = time.perf_counter()
+        read = [
+            (module, self._read(module, name)) for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}")
+        ]
+        self.read_seconds += time.perf_counter() - start
+        return read
+
+    def read_ahead(self, index: int) -> None:
+        """Start reading layer `index` on the reader thread, for the load_layer(index) that follows."""
+        if self.reader is not None and 0 <= index < len(self.layers):
+            self.pending = (index, self.reader.submit(self._read_layer, index, self.layers[index]))
+
     def load_layer(self, index: int) -> torch.nn.Module:
-        layer = self.layers[index]
-        for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}"):
-            self._load(module, name)
-        return layer
+        """Layer `index` on the device: what read_ahead read (an error there is raised here), else read now."""
+        pending, self.pending = self.pending, None
+        start = time.perf_counter()
+        if pending is not None and pending[0] == index:
+            read = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            read = self._read_layer(index, self.layers[index])
+        self.wait_seconds += time.perf_counter() - start
+        for module, tensors in read:
+            self._place(module, tensors)
+        return self.layers[index]
 
     def unload_layer(self, index: int) -> None:
         self._release(self.layers[index])
@@ -195,7 +242,9 @@ class StreamedModel:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
 
-    def capture(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    def capture(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
         """What layer 0 receives, and every layer's other arguments, as the model's own forward builds them.
 
         Runs inside holding(self.embeddings).
@@ -212,7 +261,7 @@ class StreamedModel:
             return hidden
 
         with self.stand_ins(record), contextlib.suppress(StopForward), torch.no_grad():
-            self.model(input_ids=input_ids, use_cache=False)
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return first[0], calls
 
     def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The plain engine: the whole model in memory, one forward and backward per sample.
+"""The plain engine: the whole model in memory, one forward and backward per batch of samples.
 
 The streaming engine must reproduce it; the tests hold one against the other.
 """
@@ -11,7 +11,8 @@ import torch
 
 from ..data import EncodedSample
 from ..targets import Target
-from .collector import Collector, sample_loss
+from .batches import batch_loss, make_batches
+from .collector import Collector
 from .statistics import Statistics, StatisticStores
 
 
@@ -21,24 +22,31 @@ def whole_statistics(
     samples: Sequence[EncodedSample],
     collector: Collector,
     stores: StatisticStores,
-    on_sample: Callable[[], None] | None = None,
+    batch_size: int = 1,
+    on_samples: Callable[[int], None] | None = None,
 ) -> Statistics:
-    """The collector's statistics over every sample, each gradient reduced as it lands; finished into `stores`."""
+    """The collector's statistics over every sample, each batch's gradients reduced as they land; finished into
+    `stores`. The embeddings' output requires a gradient, so every target's output gets one with no weight's."""
     device = next(model.parameters()).device
     all_modules = dict(model.named_modules())
     modules = {t.name: all_modules[t.name] for t in targets}
     tokens = 0
-    with collector.watching_inputs(modules), collector.watching_gradients(modules):
-        for n, sample in enumerate(samples):
-            logits = model(input_ids=torch.tensor([sample.input_ids], device=device)).logits
-            collector.end_forward()
-            loss = sample_loss(logits, torch.tensor([sample.labels], device=device), n)
-            if not torch.isfinite(loss):
-                collector.check_finite("the output head")
-            loss.backward()
-            tokens += len(sample.input_ids)
-            if on_sample:
-                on_sample()
+    embeddings = model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    try:
+        with collector.watching_inputs(modules), collector.watching_gradients(modules):
+            for batch in make_batches(samples, batch_size, device):
+                collector.mask = batch.mask
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                collector.end_forward()
+                loss = batch_loss(logits, batch)
+                if not torch.isfinite(loss):
+                    collector.check_finite("the output head")
+                loss.backward()
+                tokens += int(batch.mask.sum())
+                if on_samples:
+                    on_samples(len(batch))
+    finally:
+        embeddings.remove()
     finished, scores = collector.finish(len(samples), tokens)
     stores.put(finished)
     return stores.statistics(targets, collector.input_of, scores, samples)
