@@ -413,31 +413,9 @@ def run_init(
 ) -> None:
     """`tlora init`: calibrate (or read --calibration), allocate (or read --plan), factorise and write the adapter.
 
-    The method's entry in METHODS says which statistics to measure and which covariance it reads.
+    The method's entry in METHODS says which statistics to measure and which covariance it reads. Every
+    input is checked before any work; under torchrun every rank runs this and rank 0 alone writes OUT.
     """
-    with launched(pick_device(calib.device)) as dist:
-        _init(out, model, revision, data, calibration_dir, plan, allocation, init, calib, overwrite, reporter, dist)
-
-
-def _output(dist: Dist, out: Path, overwrite: bool, kind: str, inputs: tuple) -> contextlib.AbstractContextManager:
-    """OUT's temp folder on rank 0, which alone writes (atomic_dir); None on the other ranks."""
-    return atomic_dir(out, overwrite, kind, inputs) if dist.is_main else contextlib.nullcontext()
-
-
-def _init(
-    out: Path,
-    model: str | None,
-    revision: str | None,
-    data: DataOptions,
-    calibration_dir: Path | None,
-    plan: Path | None,
-    allocation: AllocationOptions,
-    init: InitOptions,
-    calib: CalibrationOptions,
-    overwrite: bool,
-    reporter: Reporter,
-    dist: Dist,
-) -> None:
     if plan:
         allocation.check_with_plan()
         check_plan_recipe(plan, init.recipe)
@@ -448,15 +426,15 @@ def _init(
     init.check()
     spec, explicit = init.spec, calib.center is not None
     center = calib.center if explicit else spec.center
-    calib = dataclasses.replace(
-        calib, center=center, gradients=spec.gradients, covariances=spec.covariances, device=dist.device
-    )
+    calib = dataclasses.replace(calib, center=center, gradients=spec.gradients, covariances=spec.covariances)
     calib.check()
     inputs = run_inputs(model, data.data, calibration_dir, plan, calib.offload_dir)
     with (
+        launched(pick_device(calib.device)) as dist,
         _output(dist, out, overwrite, "adapter", inputs) as tmp,
         scratch_folder(calib.offload_dir, "tlora-statistics-") as stats_dir,
     ):
+        calib = dataclasses.replace(calib, device=dist.device)
         if calibration_dir:
             calibration = load_calibration(calibration_dir)
             source = ModelSource.open(model or calibration.model["name"], revision)
@@ -474,3 +452,8 @@ def _init(
             settings = allocation.settings(len(allocations))
         initialise(tmp, source, calibration, allocations, settings, weight_of, calib, init, reporter, out.name, dist)
     reporter.info(f"wrote {out}; see it with `tlora inspect {out}`")
+
+
+def _output(dist: Dist, out: Path, overwrite: bool, kind: str, inputs: tuple) -> contextlib.AbstractContextManager:
+    """OUT's temp folder on rank 0, which alone writes (atomic_dir); None on the other ranks."""
+    return atomic_dir(out, overwrite, kind, inputs) if dist.is_main else contextlib.nullcontext()
