@@ -35,9 +35,9 @@ def test_the_dry_run_runs_every_command_and_writes_the_results_table(tmp_path):
         line.split(" | ") for line in text.splitlines() if line.startswith("| auto ") or line.startswith("| stream")
     ]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("| auto", "whole", "4"),
-        ("| stream", "stream", "4"),
-        ("| stream, no read-ahead", "stream", "4"),
+        ("| auto", "whole", "1"),  # a CPU runs batches of one by default (sizing.batch_limit)
+        ("| stream", "stream", "1"),
+        ("| stream, no read-ahead", "stream", "1"),
     ]
     assert all(r[-2] == "n/a (CPU)" and r[-1].endswith("MiB |") for r in rows)
     commands = [line for line in text.splitlines() if line.startswith("- `tlora init ")]
