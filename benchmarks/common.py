@@ -38,6 +38,20 @@ def tlora_script() -> str:
     return found
 
 
+def tlora_in_process(argv: Sequence[object]) -> None:
+    """`tlora ARGV` in this process (for measurements inside it); a non-zero exit is raised, sys.argv restored."""
+    from tlora_cli.cli import main
+
+    own_argv, sys.argv = sys.argv, ["tlora", *map(str, argv)]
+    try:
+        main()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    finally:
+        sys.argv = own_argv
+
+
 def _package(name: str) -> str:
     try:
         return version(name)

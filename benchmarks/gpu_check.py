@@ -21,7 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, DEFAULT_CACHE, append_results, fmt_mib, markdown_table, run_measured, shell
+from common import (
+    BENCH_DIR,
+    DEFAULT_CACHE,
+    append_results,
+    fmt_mib,
+    markdown_table,
+    run_measured,
+    shell,
+    tlora_in_process,
+)
 from make_checkpoint import ensure_checkpoint
 from speed import packed_texts
 
@@ -38,14 +47,8 @@ def child(peak_file: Path, argv: list[str]) -> None:
     """Run `tlora ARGV` in this process and write down, however it ends, the device and its peak memory."""
     import torch
 
-    from tlora_cli.cli import main
-
-    sys.argv = ["tlora", *map(str, argv)]
     try:
-        main()
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
+        tlora_in_process(argv)
     finally:
         cuda = torch.cuda.is_available()
         peak = {

@@ -12,12 +12,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from common import BENCH_DIR, append_results, fmt_mib, load_average, markdown_table, wait_until_quiet
+from common import (
+    BENCH_DIR,
+    append_results,
+    fmt_mib,
+    load_average,
+    markdown_table,
+    tlora_in_process,
+    wait_until_quiet,
+)
 
 FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
@@ -43,7 +50,6 @@ def run_with_phases(tlora_args: list[str]) -> list[list[str]]:
     """Run `tlora ARGS` here; one row per phase: RSS at start, peak, RSS at end, anonymous and file-backed."""
     start = time.perf_counter()
     from tlora_cli import progress
-    from tlora_cli.cli import main
 
     rows: list[list[str]] = []
     outside = {"peak": snapshot()["VmHWM"]}
@@ -72,14 +78,7 @@ def run_with_phases(tlora_args: list[str]) -> list[list[str]]:
         reset_peak()
 
     progress.Reporter.phase = phase
-    own_argv, sys.argv = sys.argv, ["tlora", *tlora_args]
-    try:
-        main()
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-    finally:
-        sys.argv = own_argv
+    tlora_in_process(tlora_args)
     end = snapshot()
     outside["peak"] = max(outside["peak"], end["VmHWM"])
     rows.append(
