@@ -7,8 +7,8 @@ with the same number of torch threads.
 
 What is timed:
 - tlora: the default (`--engine auto`, the batch size it picks), then whole and stream with batches of
-  one and with the default batch: the whole `tlora init` process (imports included), and its own
-  per-phase timings from tlora_metadata.json; one untimed `tlora init --num-samples 1` runs first as warm-up.
+  one and with the default batch (once, where that is 1): the whole `tlora init` process (imports
+  included), and its own per-phase timings from tlora_metadata.json; one untimed `tlora init --num-samples 1` runs first as warm-up.
 - floor: forward + backward of every sample in transformers, in batches of one and of the default run's
   batch size, with only the target projections' weights requiring grad; the model load and one
   warm-up batch are not timed.
@@ -197,6 +197,8 @@ def one_round(path: Path, data: Path, samples: list[torch.Tensor], work: Path, a
     commands = []
     default_batch = 1
     for engine, batch in TLORA_RUNS:
+        if batch is None and engine != "auto" and default_batch == 1:
+            continue  # the default batch is 1 here (a CPU): the batch-1 run of this engine is this very run
         out = work / f"{engine}-{batch or 'default'}"
         run = tlora(path, data, out, args, engine, args.num_samples, batch)
         commands.append(shell(run.command))
@@ -284,7 +286,8 @@ def main() -> None:
             markdown_table(["tlora run", *(f"{p} s" for p in PHASES)], phase_rows),
         ],
         [c for r in rounds for c in r.commands],
-        f"Median of {args.repeats} round(s). Samples: {args.num_samples} texts of consecutive built-in math "
+        f"Median of {args.repeats} round(s). Where the default batch is 1, each engine runs once, at batch 1. "
+        f"Samples: {args.num_samples} texts of consecutive built-in math "
         f"problems, cut to {args.seq_len} tokens. "
         + (
             f"EVA cycles through them until its SVDs converge: {', '.join(str(r.eva_passes) for r in rounds)} "

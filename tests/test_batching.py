@@ -8,7 +8,7 @@ from reference import rel_err
 from test_streaming import assert_same_numbers
 
 from tlora_cli.calib.batches import Batch, batch_loss, make_batches
-from tlora_cli.calib.collector import per_sample_scores
+from tlora_cli.calib.collector import accumulate_xtx, mirrored, per_sample_scores
 from tlora_cli.calib.folder import load_calibration
 from tlora_cli.data import EncodedSample, load_calibration_set
 from tlora_cli.errors import TloraError
@@ -61,6 +61,30 @@ def test_batched_lora_da_moments_equal_a_batch_of_one(engine, model_factory, dat
             assert rel_err(three.tensors[kind][key], one.tensors[kind][key]) < 1e-5, (kind, key)
 
 
+@pytest.mark.parametrize("width", [40, 600, 1200], ids=["one-strip", "two-strips", "four-strips"])
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "uncentred"])
+def test_covariance_sums_equal_a_float64_product_per_sample(width, center):
+    """Summed by strips above the diagonal over a padded batch and an unpadded one, then mirrored: each
+    sample's real tokens only, centred on their own mean, against a float64 product sample by sample."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4, [True] * 7 + [False] * 2])
+    batches = [
+        (torch.randn(3, 9, width) + 3, mask),
+        (torch.randn(2, 9, width) + torch.tensor([-1.0, 2.0]).view(2, 1, 1), None),
+    ]
+    sums: dict[str, torch.Tensor] = {}
+    expected = torch.zeros(width, width, dtype=torch.float64)
+    for x, pads in batches:
+        accumulate_xtx(sums, "input", x, center, pads)
+        for n in range(len(x)):
+            real = (x[n] if pads is None else x[n][pads[n]]).double()
+            real = real - real.mean(dim=0) if center else real
+            expected += real.T @ real
+    result = mirrored(sums["input"])
+    assert torch.equal(result, result.T)
+    assert rel_err(result, expected) < 1e-6
+
+
 def test_per_sample_scores_equal_autograd_one_sample_at_a_time(monkeypatch):
     """Against each sample's own weight gradient from autograd, chunked two samples at a time."""
     import tlora_cli.calib.collector as collector
@@ -92,7 +116,7 @@ def test_batch_loss_is_the_sum_of_each_samples_mean_and_names_an_empty_sample():
         torch.nn.functional.cross_entropy(logits[1, :1], torch.tensor([6])),
     ]
     assert torch.allclose(batch_loss(logits, batch), means[0] + means[1])
-    empty = Batch(batch.input_ids, torch.full_like(batch.labels, -100), batch.mask, first=7)
+    empty = Batch(batch.input_ids, torch.full_like(batch.labels, -100), batch.mask, first=7, padded=batch.padded)
     with pytest.raises(TloraError, match="calibration sample 7 has no token"):
         batch_loss(logits, empty)
 

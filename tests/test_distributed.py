@@ -167,6 +167,39 @@ def test_only_rank_0_says_why_every_rank_stopped(run_cli, monkeypatch, model_fac
     assert result.code == 1 and result.stderr == ""
 
 
+REFUSED = "runs in one process: run it without torchrun (only calibrate and init share)"
+
+
+@pytest.mark.parametrize(
+    "command", [["allocate", "calib", "-o", "plan.json"], ["inspect", "adapter"], ["data", "list"]]
+)
+def test_commands_without_ranks_refuse_torchrun_said_once(command, run_cli, monkeypatch):
+    """Under torchrun every rank would do the same work and write the same file: each stops, rank 0 says why."""
+    from tlora_cli import distributed
+
+    monkeypatch.setattr(distributed, "GRACE_S", 0.0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = run_cli(*command)
+    assert result.code == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"error: tlora {command[0]} {REFUSED}"
+    monkeypatch.setenv("RANK", "1")
+    result = run_cli(*command)
+    assert result.code == 1 and result.stderr == "" and result.stdout == ""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert REFUSED not in run_cli(*command).stderr
+
+
+@pytest.mark.slow
+def test_allocate_under_torchrun_stops_with_one_line_and_writes_nothing(tmp_path):
+    result = torchrun(2, "allocate", tmp_path / "calib", "-o", tmp_path / "plan.json")
+    assert result.returncode != 0
+    ours = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert ours == [f"error: tlora allocate {REFUSED}"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("k", "engine", "per_rank"), [(2, "stream", [3, 2]), (3, "whole", [2, 2, 1])], ids=["k2-stream", "k3-whole"]

@@ -24,7 +24,7 @@ from rich.markup import escape
 from . import __version__
 from .budget_plot import print_picture, write_plot
 from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
-from .distributed import is_main_process
+from .distributed import is_main_process, refuse_ranks
 from .errors import Stopped, TloraError, disk_full
 from .export import export
 from .hub_upload import push_folder
@@ -193,11 +193,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter."""
+    if ctx.invoked_subcommand not in (None, "calibrate", "init"):
+        refuse_ranks(ctx.invoked_subcommand)
 
 
 def with_flags(*groups: Callable[..., Any]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -240,7 +243,7 @@ class Publish:
     create_pr: bool
 
     def push(self, out: Path, reporter: Reporter) -> None:
-        if self.repo_id is not None:
+        if self.repo_id is not None and is_main_process():  # under torchrun, rank 0 alone wrote OUT
             reporter.info(f"pushed {out} to {push_folder(out, self.repo_id, self.private, self.create_pr)}")
 
 

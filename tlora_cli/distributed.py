@@ -32,6 +32,15 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def refuse_ranks(command: str) -> None:
+    """Only calibrate and init share their work among torchrun's ranks; any other command would have every rank
+    do the same work and write the same file at once. Every rank stops, rank 0 says why."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        _let_main_speak(Dist(rank, world_size))
+        raise Stopped(f"tlora {command} runs in one process: run it without torchrun (only calibrate and init share)")
+
+
 def timeout_seconds() -> float:
     raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
     try:

@@ -24,11 +24,17 @@ class Batch:
     labels: torch.Tensor  # (B, T)
     mask: torch.Tensor  # (B, T) bool, True on real tokens
     first: int  # the index of its first sample, for messages
+    padded: bool  # whether any sample has pads: known before the batch goes to the device, so never a sync
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
         """For the model; None when nothing is padded, so a batch without pads runs as it always did."""
-        return None if bool(self.mask.all()) else self.mask.long()
+        return self.mask.long() if self.padded else None
+
+    @property
+    def pads(self) -> torch.Tensor | None:
+        """`mask` where some token is a pad, else None: what the statistics need to leave pads out."""
+        return self.mask if self.padded else None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -46,19 +52,23 @@ def make_batches(samples: Sequence[EncodedSample], size: int, device: torch.devi
         for row, s in enumerate(group):
             n = len(s.input_ids)
             ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), True
-        batches.append(Batch(ids.to(device), labels.to(device), mask.to(device), first))
+        padded = not bool(mask.all())
+        batches.append(Batch(ids.to(device), labels.to(device), mask.to(device), first, padded))
     return batches
 
 
 def batch_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The sum over samples of each sample's mean next-token cross-entropy over its loss tokens: a sample's
-    gradient is then exactly the one it has in a batch of one."""
-    targets = batch.labels[:, 1:]
+    gradient is then exactly the one it has in a batch of one.
+
+    The labels shift left rather than the logits right: a slice of the logits would cost a copy forward and
+    a zero-filled gradient of the whole vocabulary backward."""
+    targets = F.pad(batch.labels[:, 1:], (0, 1), value=-100)
     counts = (targets != -100).sum(dim=1)
     empty = (counts == 0).nonzero()
     if len(empty):
         index = batch.first + int(empty[0, 0])
         raise TloraError(f"calibration sample {index} has no token to predict: it needs at least 2 tokens")
-    flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    flat = logits.float().reshape(-1, logits.shape[-1])
     losses = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100, reduction="none").view(targets.shape)
     return (losses.sum(dim=1) / counts).sum()

@@ -101,7 +101,7 @@ class LayerWalk:
         try:
             with self.collector.watching_inputs(modules, covariances), torch.no_grad():
                 for n, batch in enumerate(self.batches):
-                    self.collector.mask = batch.mask
+                    self.collector.mask = batch.pads
                     args, kwargs = self.inputs.call(index, n)
                     out = first_tensor(layer(self.inputs.get(index, n, self.streamed.device), *args, **kwargs))
                     self.collector.end_forward()

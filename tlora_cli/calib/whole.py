@@ -35,7 +35,7 @@ def whole_statistics(
     try:
         with collector.watching_inputs(modules), collector.watching_gradients(modules):
             for batch in make_batches(samples, batch_size, device):
-                collector.mask = batch.mask
+                collector.mask = batch.pads
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 collector.end_forward()
                 loss = batch_loss(logits, batch)

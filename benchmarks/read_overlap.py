@@ -1,0 +1,113 @@
+"""The streaming engine's read-ahead on CPU: `tlora calibrate` on a Llama-2-7B-shaped checkpoint, with and without.
+
+The checkpoint (random bf16 weights, 13.5 GB) is written by make_checkpoint.py. Each run starts with a
+cold page cache where the host lets this process drop it (root, writable /proc/sys/vm/drop_caches), so
+every layer comes from disk as on a user's first run; where it cannot, the results say the reads were
+warm. The two settings alternate (with, without, with, ...) and medians are reported, beside the phases
+tlora records: capture, forward, backward, layer_reads (time spent reading layers) and load_wait (the
+part of the reads the computation waited for). With read-ahead, load_wait is what was not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import (
+    BENCH_DIR,
+    DEFAULT_CACHE,
+    append_results,
+    fmt_mib,
+    markdown_table,
+    run_measured,
+    shell,
+    tlora_script,
+    wait_until_quiet,
+)
+from make_checkpoint import ensure_checkpoint
+from speed import packed_texts
+
+SETTINGS = {"read-ahead (default)": [], "--no-read-ahead": ["--no-read-ahead"]}
+PHASES = ("data", "load", "capture", "forward", "backward", "layer_reads", "load_wait")
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (after a sync); False where this process may not."""
+    subprocess.run(["sync"], check=False)
+    try:
+        DROP_CACHES.write_text("1\n")
+    except OSError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="llama-2-7b", help="A shape from make_checkpoint.py.")
+    parser.add_argument("--num-samples", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of each setting, alternating; medians.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-load", type=float, default=1.0, help="Wait for the load average to drop to this.")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="Where the checkpoint is written.")
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS-speed.md")
+    args = parser.parse_args()
+
+    model = ensure_checkpoint(args.config, args.cache)
+    from transformers import AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="tlora-read-overlap-"))
+    data = work / "packed.jsonl"
+    texts = packed_texts(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+
+    runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    commands, cold = [], []
+    for _ in range(args.repeats):
+        for name, flags in SETTINGS.items():
+            out = work / name.strip("-").replace(" ", "-")
+            command = [tlora_script(), "calibrate", "--model", model, "--data", data, "--device", "cpu"]
+            command += ["--num-samples", args.num_samples, "--seq-len", args.seq_len, "--engine", "stream", *flags]
+            command += ["--quiet", "--overwrite", "-o", out]
+            wait_until_quiet(args.max_load)
+            cold.append(drop_page_cache())
+            run = run_measured(command, env=env).check()
+            commands.append(shell(run.command))
+            timings = json.loads((out / "calibration.json").read_text())["timings"]
+            runs[name].append({"wall_s": run.wall_s, "rss_mib": run.peak_rss_mib, "load": run.load_at_start, **timings})
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r.get(key, 0.0) for r in runs[name])
+
+    rows = [
+        [
+            name,
+            f"{median(name, 'wall_s'):.1f}",
+            *(f"{median(name, p):.1f}" for p in PHASES),
+            fmt_mib(median(name, "rss_mib")),
+            f"{median(name, 'load'):.2f}",
+        ]
+        for name in SETTINGS
+    ]
+    headers = ["setting", "wall s", *(f"{p} s" for p in PHASES), "peak host RSS", "load at start"]
+    cache = "cold (page cache dropped before each run)" if all(cold) else "WARM (the page cache could not be dropped)"
+    append_results(
+        args.results,
+        f"Read-ahead on CPU: tlora calibrate --engine stream, {args.config} (random bf16), N={args.num_samples}, "
+        f"T={args.seq_len}, {args.threads} threads",
+        [markdown_table(headers, rows)],
+        commands,
+        f"Median of {args.repeats} runs per setting, alternating. Reads: {cache}. Every layer is read twice (forward, "
+        "then backward). layer_reads: seconds spent reading layers; load_wait: the part the computation waited for.",
+    )
+
+
+if __name__ == "__main__":
+    main()
