@@ -32,7 +32,7 @@ from common import (
     tlora_in_process,
 )
 from make_checkpoint import ensure_checkpoint
-from speed import packed_texts
+from speed import write_packed
 
 RUNS = {
     "auto": ["--engine", "auto"],
@@ -112,9 +112,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    texts = packed_texts(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len)
     data = work / "packed.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_packed(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len, data)
     runs = {name: run_init(model, data, work, name, args) for name in RUNS}
     device = next(iter(runs.values()))["device"]
     title = f"tlora init on {device}: {config} (random bf16), N={args.num_samples}, T={args.seq_len}, budget rank "

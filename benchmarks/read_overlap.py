@@ -30,7 +30,7 @@ from common import (
     wait_until_quiet,
 )
 from make_checkpoint import ensure_checkpoint
-from speed import packed_texts
+from speed import write_packed
 
 SETTINGS = {"read-ahead (default)": [], "--no-read-ahead": ["--no-read-ahead"]}
 PHASES = ("data", "load", "capture", "forward", "backward", "layer_reads", "load_wait")
@@ -64,8 +64,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="tlora-read-overlap-"))
     data = work / "packed.jsonl"
-    texts = packed_texts(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len)
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_packed(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len, data)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
 
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}

@@ -8,7 +8,8 @@ with the same number of torch threads.
 What is timed:
 - tlora: the default (`--engine auto`, the batch size it picks), then whole and stream with batches of
   one and with the default batch (once, where that is 1): the whole `tlora init` process (imports
-  included), and its own per-phase timings from tlora_metadata.json; one untimed `tlora init --num-samples 1` runs first as warm-up.
+  included), and its own per-phase timings from tlora_metadata.json; one untimed `tlora init
+  --num-samples 1` runs first as warm-up.
 - floor: forward + backward of every sample in transformers, in batches of one and of the default run's
   batch size, with only the target projections' weights requiring grad; the model load and one
   warm-up batch are not timed.
@@ -75,6 +76,13 @@ def packed_texts(tokenizer, num_samples: int, seq_len: int) -> list[str]:
             if len(texts) == num_samples:
                 return texts
     raise SystemExit(f"the built-in problems make only {len(texts)} samples of {seq_len} tokens")
+
+
+def write_packed(tokenizer, num_samples: int, seq_len: int, path: Path) -> list[str]:
+    """packed_texts as a .jsonl file of {"text": ...} records, which every tlora run reads; returns the texts."""
+    texts = packed_texts(tokenizer, num_samples, seq_len)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
 
 
 def load_model(path: Path) -> torch.nn.Module:
@@ -255,12 +263,11 @@ def main() -> None:
 
     path = builtin_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = packed_texts(tokenizer, args.num_samples, args.seq_len)
-    # Tokenized as SPEC.md says tlora does: the tokenizer's defaults, truncated on the right.
-    samples = [torch.tensor([tokenizer(t).input_ids[: args.seq_len]]) for t in texts]
     work = Path(tempfile.mkdtemp(prefix="tlora-speed-"))
     data = work / "packed.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    texts = write_packed(tokenizer, args.num_samples, args.seq_len, data)
+    # Tokenized as SPEC.md says tlora does: the tokenizer's defaults, truncated on the right.
+    samples = [torch.tensor([tokenizer(t).input_ids[: args.seq_len]]) for t in texts]
 
     tlora(path, data, work / "warm-up", args, "stream", 1, None)
     rounds = [one_round(path, data, samples, work, args) for _ in range(args.repeats)]

@@ -19,6 +19,7 @@ from reference import rel_err
 from safetensors.torch import load_file, save_file
 
 from tlora_cli.calib.folder import load_calibration
+from tlora_cli.calib.store import TensorStore
 from tlora_cli.calib.streamed_model import StreamedModel
 
 MODELS = [
@@ -120,6 +121,24 @@ def test_streamed_on_cuda_equals_the_whole_model_on_cpu(arch, options, model_fac
     assert_same_numbers(
         tmp_path / "calibrate-cuda", tmp_path / "calibrate-cpu", tmp_path / "init-cuda", tmp_path / "init-cpu"
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_tensor_leaving_the_gpu_is_read_as_it_was_when_put():
+    """The copy to the host is queued, not waited for: what the device does next must not reach it, and a read
+    waits for it."""
+    store = TensorStore(None)
+    on_device = torch.randn(4096, 4096, device="cuda")
+    expected = on_device.cpu()
+    torch.cuda._sleep(10**9)  # keeps the stream busy: the copy is still queued when put returns
+    store.put("c", on_device)
+    assert store.memory["c"].is_pinned() and "c" in store.pending
+    on_device.zero_()  # queued behind the copy
+    assert torch.equal(store.get("c"), expected)
+    store.put("d", on_device)
+    store.drop("d")  # dropped with its copy under way: nothing to wait for, nothing left
+    assert "d" not in store.pending and "d" not in store
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("method", ["tlora", "lora-da"])

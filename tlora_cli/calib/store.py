@@ -36,6 +36,7 @@ class TensorStore(Mapping):
     ):
         self.folder, self.field, self.copy, self.check = folder, field, copy, check
         self.memory: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.cuda.Event] = {}  # copies from a GPU still under way, by key
         self.keys_: dict[str, None] = dict.fromkeys(keys or [])
         if folder is not None and keys is None:
             folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ class TensorStore(Mapping):
         tensor = tensor.detach()
         self.keys_[key] = None
         if self.folder is None:
-            self.memory[key] = tensor.to("cpu", copy=self.copy and tensor.device.type == "cpu")
+            self.memory[key] = self._to_host(key, tensor)
         else:
             save_file({self.field: tensor.contiguous().cpu()}, self.path(key))
 
@@ -55,6 +56,9 @@ class TensorStore(Mapping):
         if key not in self.keys_:
             raise KeyError(key)
         if self.folder is None:
+            pending = self.pending.pop(key, None)
+            if pending is not None:
+                pending.synchronize()
             return self.memory[key].to(device)
         try:
             with safe_open(self.path(key), "pt", device=str(device)) as f:
@@ -63,8 +67,25 @@ class TensorStore(Mapping):
         except (OSError, RuntimeError, SafetensorError) as e:
             raise TloraError(f"cannot read {self.path(key)}: {e}; recalibrate".splitlines()[0]) from e
 
+    def _to_host(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """From a GPU, the copy is queued behind the work that made the tensor, into pinned memory, and waited
+        for only when the tensor is read: the device goes on with the next layer meanwhile (a pinned block is
+        not reused before its copy is done, even if dropped sooner). Without pinned memory, a plain copy."""
+        if tensor.device.type != "cuda":
+            return tensor.to("cpu", copy=self.copy and tensor.device.type == "cpu")
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        except RuntimeError:  # the host cannot lock that much memory
+            return tensor.cpu()
+        host.copy_(tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(tensor.device))
+        self.pending[key] = event
+        return host
+
     def drop(self, key: str) -> None:
         self.keys_.pop(key, None)
+        self.pending.pop(key, None)
         if self.folder is None:
             self.memory.pop(key, None)
         else:
