@@ -389,6 +389,40 @@ def test_a_checkpoint_opens_each_shard_once_however_many_tensors_it_reads(model_
     assert sorted(opened) == sorted(shards)
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+@pytest.mark.parametrize("read_ahead", [True, False], ids=["read-ahead", "no-read-ahead"])
+def test_layers_read_and_unloaded_leave_nothing_of_their_shards_resident(read_ahead, model_factory):
+    """A shard reader maps its file, and what was read through it stays in the resident set while the map
+    lives: kept open all along, a streamed 7B's peak RSS held the whole checkpoint. After every layer has
+    been read and unloaded, the shards' maps hold no more than the modules that stay loaded needed."""
+    import tlora_cli.model_io as model_io
+
+    path = model_factory("llama")
+    checkpoint = model_io.Checkpoint(path)
+    shards = {os.path.realpath(f) for f in checkpoint.files.values()}
+
+    def resident_kib() -> int:
+        total, mapped = 0, None
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                fields = line.split()
+                if "-" in fields[0]:  # a mapping's header line: its file is the last field
+                    mapped = fields[-1]
+                elif fields[0] == "Rss:" and mapped in shards:
+                    total += int(fields[1])
+        return total
+
+    streamed = StreamedModel(path, checkpoint, torch.float32, "cpu", read_ahead=read_ahead)
+    kept = resident_kib()  # the final norm and the like stay loaded (float32 as read: the tensors map their shard)
+    for index in range(len(streamed.layers)):
+        streamed.read_ahead(index)
+        streamed.load_layer(index)
+        streamed.unload_layer(index)
+    with streamed.holding(streamed.embeddings):
+        assert resident_kib() > kept  # what is loaded shows: the test can see it
+    assert resident_kib() <= kept
+
+
 def test_reading_ahead_reads_every_layer_on_the_reader_thread_and_changes_no_number(
     model_factory, tiny_init, tmp_path, monkeypatch
 ):

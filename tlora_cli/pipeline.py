@@ -241,7 +241,9 @@ def weights_from_checkpoint(checkpoint: Checkpoint) -> WeightOf:
         key = f"{name}.weight"
         if key not in checkpoint.files:
             raise TloraError(f"the checkpoint has no tensor {key}: was the calibration made from this model?")
-        return checkpoint.get(key)
+        weight = checkpoint.get(key)
+        checkpoint.release()  # one module at a time: no reader keeps the pages already read resident
+        return weight
 
     return weight_of
 

@@ -149,6 +149,7 @@ class StreamedModel:
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
         self._place(module, self._read(module, prefix))
+        self.checkpoint.release()
 
     def _release(self, module: torch.nn.Module) -> None:
         for owner in module.modules():
@@ -194,6 +195,7 @@ class StreamedModel:
         read = [
             (module, self._read(module, name)) for name, module in layer.named_modules(prefix=f"{self.prefix}.{index}")
         ]
+        self.checkpoint.release()  # the layer's pages leave the resident set with its tensors
         self.read_seconds += time.perf_counter() - start
         return read
 
