@@ -34,6 +34,7 @@ from common import (
 from make_checkpoint import ensure_checkpoint
 from speed import write_packed
 
+DRY_RUN_RESULTS = "tlora-gpu-check-dry-run.md"
 RUNS = {
     "auto": ["--engine", "auto"],
     "stream": ["--engine", "stream"],
@@ -100,14 +101,20 @@ def main() -> None:
         return child(Path(sys.argv[2]), sys.argv[4:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shape, scratch results file.")
-    parser.add_argument("--results", type=Path, help="Default: benchmarks/RESULTS-gpu.md (a scratch file in a dry run)")
+    scratch = f"{DRY_RUN_RESULTS} in the temp folder"
+    parser.add_argument("--results", type=Path, help=f"Default: benchmarks/RESULTS-gpu.md (a dry run: {scratch})")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="Where the checkpoint is written.")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tlora-gpu-check-"))
+    with tempfile.TemporaryDirectory(prefix="tlora-gpu-check-") as tmp:
+        measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Every run in a scratch folder, removed afterwards; a dry run's results go beside it unless given."""
     dry = args.dry_run
     config = "tiny-llama" if dry else "llama-2-7b"
     args.device, args.num_samples, args.seq_len, args.budget_rank = ("cpu", 4, 64, 8) if dry else ("cuda", 32, 512, 128)
-    results = args.results or (work / "RESULTS-gpu.md" if dry else BENCH_DIR / "RESULTS-gpu.md")
+    results = args.results or (Path(tempfile.gettempdir()) / DRY_RUN_RESULTS if dry else BENCH_DIR / "RESULTS-gpu.md")
     model = ensure_checkpoint(config, work if dry else args.cache)
 
     from transformers import AutoTokenizer

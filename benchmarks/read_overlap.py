@@ -60,9 +60,14 @@ def main() -> None:
     args = parser.parse_args()
 
     model = ensure_checkpoint(args.config, args.cache)
+    with tempfile.TemporaryDirectory(prefix="tlora-read-overlap-") as tmp:
+        measure(args, model, Path(tmp))
+
+
+def measure(args: argparse.Namespace, model: str, work: Path) -> None:
+    """Every setting, alternating, in a scratch folder (the covariances of a 7B model take 20+ GB)."""
     from transformers import AutoTokenizer
 
-    work = Path(tempfile.mkdtemp(prefix="tlora-read-overlap-"))
     data = work / "packed.jsonl"
     write_packed(AutoTokenizer.from_pretrained(model), args.num_samples, args.seq_len, data)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

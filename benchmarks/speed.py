@@ -263,7 +263,12 @@ def main() -> None:
 
     path = builtin_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    work = Path(tempfile.mkdtemp(prefix="tlora-speed-"))
+    with tempfile.TemporaryDirectory(prefix="tlora-speed-") as tmp:
+        measure(args, path, tokenizer, Path(tmp))
+
+
+def measure(args: argparse.Namespace, path: Path, tokenizer, work: Path) -> None:
+    """Every round in a scratch folder, removed afterwards."""
     data = work / "packed.jsonl"
     texts = write_packed(tokenizer, args.num_samples, args.seq_len, data)
     # Tokenized as SPEC.md says tlora does: the tokenizer's defaults, truncated on the right.
