@@ -1,11 +1,15 @@
-"""The streaming engine's read-ahead on CPU: `tlora calibrate` on a Llama-2-7B-shaped checkpoint, with and without.
+"""The streaming engine's overlap on CPU: `tlora calibrate` on a Llama-2-7B-shaped checkpoint, with and without
+reading layers ahead, and with each file written in place instead of on the background writer.
 
 The checkpoint (random bf16 weights, 13.5 GB) is written by make_checkpoint.py. Each run starts with a
 cold page cache where the host lets this process drop it (root, writable /proc/sys/vm/drop_caches), so
 every layer comes from disk as on a user's first run; where it cannot, the results say the reads were
-warm. The two settings alternate (with, without, with, ...) and medians are reported, beside the phases
-tlora records: capture, forward, backward, layer_reads (time spent reading layers) and load_wait (the
-part of the reads the computation waited for). With read-ahead, load_wait is what was not hidden.
+warm. The settings alternate (default, no read-ahead, writes in place, default, ...) and medians are
+reported, beside the phases tlora records: capture, forward, backward, layer_reads (time spent reading
+layers) and load_wait (the part of the reads the computation waited for). With read-ahead, load_wait is
+what was not hidden. "Writes in place" runs the same code with every file waited for as soon as it is
+handed to the writer (what tlora did before the writer): the forward phase's difference is the write time
+the writer hides behind the next layer's work.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +38,17 @@ from common import (
 from make_checkpoint import ensure_checkpoint
 from speed import write_packed
 
-SETTINGS = {"read-ahead (default)": [], "--no-read-ahead": ["--no-read-ahead"]}
+# Setting: (program, flags); the last is tlora with `TensorStore.put` waiting for each file it hands over.
+IN_PLACE = (
+    "import sys, tlora_cli.calib.store as s; put = s.TensorStore.put; "
+    "s.TensorStore.put = lambda self, k, t: (put(self, k, t), self.flush()); "
+    "from tlora_cli.cli import main; sys.argv[0] = 'tlora'; main()"
+)
+SETTINGS = {
+    "default (read-ahead, background writes)": ([tlora_script()], []),
+    "--no-read-ahead": ([tlora_script()], ["--no-read-ahead"]),
+    "writes in place": ([sys.executable, "-c", IN_PLACE], []),
+}
 PHASES = ("data", "load", "capture", "forward", "backward", "layer_reads", "load_wait")
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
@@ -75,9 +91,9 @@ def measure(args: argparse.Namespace, model: str, work: Path) -> None:
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     commands, cold = [], []
     for _ in range(args.repeats):
-        for name, flags in SETTINGS.items():
-            out = work / name.strip("-").replace(" ", "-")
-            command = [tlora_script(), "calibrate", "--model", model, "--data", data, "--device", "cpu"]
+        for index, (name, (program, flags)) in enumerate(SETTINGS.items()):
+            out = work / f"calibration-{index}"
+            command = [*program, "calibrate", "--model", model, "--data", data, "--device", "cpu"]
             command += ["--num-samples", args.num_samples, "--seq-len", args.seq_len, "--engine", "stream", *flags]
             command += ["--quiet", "--overwrite", "-o", out]
             wait_until_quiet(args.max_load)
@@ -85,6 +101,7 @@ def measure(args: argparse.Namespace, model: str, work: Path) -> None:
             run = run_measured(command, env=env).check()
             commands.append(shell(run.command))
             timings = json.loads((out / "calibration.json").read_text())["timings"]
+            shutil.rmtree(out)  # 22 GB of covariances
             runs[name].append({"wall_s": run.wall_s, "rss_mib": run.peak_rss_mib, "load": run.load_at_start, **timings})
 
     def median(name: str, key: str) -> float:
@@ -104,12 +121,13 @@ def measure(args: argparse.Namespace, model: str, work: Path) -> None:
     cache = "cold (page cache dropped before each run)" if all(cold) else "WARM (the page cache could not be dropped)"
     append_results(
         args.results,
-        f"Read-ahead on CPU: tlora calibrate --engine stream, {args.config} (random bf16), N={args.num_samples}, "
-        f"T={args.seq_len}, {args.threads} threads",
+        f"Read-ahead and background writes on CPU: tlora calibrate --engine stream, {args.config} (random bf16), "
+        f"N={args.num_samples}, T={args.seq_len}, {args.threads} threads",
         [markdown_table(headers, rows)],
         commands,
         f"Median of {args.repeats} runs per setting, alternating. Reads: {cache}. Every layer is read twice (forward, "
-        "then backward). layer_reads: seconds spent reading layers; load_wait: the part the computation waited for.",
+        "then backward). layer_reads: seconds spent reading layers; load_wait: the part the computation waited for. "
+        "Writes in place: each file waited for when handed over (the same code, TensorStore.put then flush).",
     )
 
 

@@ -102,25 +102,25 @@ def calibrate(
     suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))
     calib_set = _read_data(source, data, options, reporter)
     collector = Collector(options.centred, options.covariances, options.gradients, dtype, dist, spread)
-    stores = statistic_stores(stats_dir, options.gradients)
     n = len(calib_set.samples)
     samples = [calib_set.samples[i] for i in dist.share(n)]  # all of them without torchrun
     choice = _choose_engine(source, options, len(samples), device, dtype, reporter, dist)
-    if choice.engine == "whole":
-        with reporter.phase("load", "Loading the whole model"):
-            model = load_model(source.path, dtype, device)
-        targets = find_targets(model, suffixes)
-        with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(samples)) as step:
-            stats = whole_statistics(model, targets, samples, collector, stores, choice.batch_size, step)
-        weight_of = weights_from_model(model)
-    else:
-        with reporter.phase("load", "Loading embeddings and head"):
-            streamed = StreamedModel(source.path, source.checkpoint, dtype, device, options.read_ahead)
-        targets = streamed.targets(suffixes)
-        stats = stream_statistics(
-            streamed, targets, samples, collector, stores, options.offload_dir, reporter, choice.batch_size
-        )
-        weight_of = weights_from_checkpoint(source.checkpoint)
+    with statistic_stores(stats_dir, options.gradients) as stores:
+        if choice.engine == "whole":
+            with reporter.phase("load", "Loading the whole model"):
+                model = load_model(source.path, dtype, device)
+            targets = find_targets(model, suffixes)
+            with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(samples)) as step:
+                stats = whole_statistics(model, targets, samples, collector, stores, choice.batch_size, step)
+            weight_of = weights_from_model(model)
+        else:
+            with reporter.phase("load", "Loading embeddings and head"):
+                streamed = StreamedModel(source.path, source.checkpoint, dtype, device, options.read_ahead)
+            targets = streamed.targets(suffixes)
+            stats = stream_statistics(
+                streamed, targets, samples, collector, stores, options.offload_dir, reporter, choice.batch_size
+            )
+            weight_of = weights_from_checkpoint(source.checkpoint)
     tokens = sum(len(s.input_ids) for s in calib_set.samples)
     owners = collector.owners if spread and dist.active else None
     stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens, owners=owners)  # all ranks' counts

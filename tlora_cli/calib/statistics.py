@@ -59,6 +59,18 @@ class Statistics:
 class StatisticStores(dict[str, TensorStore]):
     """Where finished statistics go, by kind, as soon as a layer (or the whole model) is done: memory or files."""
 
+    def __enter__(self) -> StatisticStores:
+        return self
+
+    def __exit__(self, kind: type | None, *_) -> None:
+        """Every store's files written (or, after an error, no more begun) before the folder is used or removed."""
+        for store in self.values():
+            store.close(failed=kind is not None)
+
+    def flush(self) -> None:
+        for store in self.values():
+            store.flush()
+
     def put(self, finished: Mapping[str, dict[str, torch.Tensor]]) -> None:
         """Move every finished tensor into its store, popping it so no name holds it into the next layer."""
         for kind, tensors in finished.items():
@@ -73,7 +85,9 @@ class StatisticStores(dict[str, TensorStore]):
         samples: Sequence[EncodedSample],
         covariances: Mapping[str, torch.Tensor] | None = None,
     ) -> Statistics:
-        """The Statistics over what these stores hold (`covariances` replaces theirs when given)."""
+        """The Statistics over what these stores hold, every file written (`covariances` replaces theirs when
+        given)."""
+        self.flush()
         tensors: dict[str, Mapping[str, torch.Tensor]] = dict(self)
         if covariances is not None:
             tensors["covariances"] = covariances

@@ -31,8 +31,8 @@ class LayerInputs:
     """What each decoder layer receives per batch: its hidden states (a store: host memory or an offload
     folder), and the other arguments (masks, position embeddings) the model's own forward built for it."""
 
-    def __init__(self, folder: Path | None):
-        self.store = TensorStore(folder, copy=True)
+    def __init__(self, store: TensorStore):
+        self.store = store
         self.calls: list[list[tuple[tuple, dict]]] = []
 
     def put(self, layer: int, n: int, hidden: torch.Tensor) -> None:
@@ -164,8 +164,8 @@ def stream_statistics(
     wait in host memory, or in a scratch folder in `offload_dir`.
     """
     num_layers = len(streamed.layers)
-    with scratch_folder(offload_dir, "tlora-offload-") as folder:
-        walk = LayerWalk(streamed, targets, samples, collector, LayerInputs(folder), batch_size)
+    with scratch_folder(offload_dir, "tlora-offload-") as folder, TensorStore(folder, copy=True) as offloaded:
+        walk = LayerWalk(streamed, targets, samples, collector, LayerInputs(offloaded), batch_size)
         with reporter.phase("capture", "Capturing layer inputs", len(samples)) as step:
             walk.capture(step)
         recompute = False
@@ -187,6 +187,7 @@ def stream_statistics(
                 step()
         with reporter.phase("backward", "Backward, layer by layer", num_layers) as step:
             scores = walk.backward(stores, step)
+            stores.flush()  # the last layer's files, in the phase that made them
     # Reading layers on the reader thread overlaps the computation: of read time, only the wait costs.
     reporter.record("layer_reads", streamed.read_seconds)
     reporter.record("load_wait", streamed.wait_seconds)
@@ -228,9 +229,8 @@ class RecomputedCovariances(Mapping):
             self.layer = -1
         if self.layer < 0:
             collector = Collector(self.center, covariances=True, gradients=False, dtype=self.dtype)
-            self.walk = LayerWalk(
-                self.streamed, self.targets, self.samples, collector, LayerInputs(None), self.batch_size
-            )
+            inputs = LayerInputs(TensorStore(None, copy=True))
+            self.walk = LayerWalk(self.streamed, self.targets, self.samples, collector, inputs, self.batch_size)
             self.walk.capture()
         while self.layer < target:
             self.layer += 1
