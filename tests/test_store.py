@@ -91,3 +91,18 @@ def test_a_dropped_key_leaves_no_file_even_while_it_was_being_written(held_write
     store.drop("b")
     store.close()
     assert list(tmp_path.iterdir()) == [] and len(store) == 0
+
+
+def test_every_statistic_store_is_closed_when_one_write_failed(tmp_path, monkeypatch):
+    from tlora_cli.calib.statistics import StatisticStores
+
+    def full_in_a(tensors, path):
+        if path.parent.name == "a":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "save_file", full_in_a)
+    stores = StatisticStores({kind: TensorStore(tmp_path / kind) for kind in "abc"})
+    with pytest.raises(OSError, match="No space left"), stores:
+        for store in stores.values():
+            store.put("x", torch.ones(4))
+    assert [store.writer for store in stores.values()] == [None, None, None]

@@ -63,9 +63,16 @@ class StatisticStores(dict[str, TensorStore]):
         return self
 
     def __exit__(self, kind: type | None, *_) -> None:
-        """Every store's files written (or, after an error, no more begun) before the folder is used or removed."""
+        """Every store's files written (or, after an error, no more begun) before the folder is used or removed;
+        a store's failed write stops the others' too, and is raised once all are closed."""
+        error: Exception | None = None
         for store in self.values():
-            store.close(failed=kind is not None)
+            try:
+                store.close(failed=kind is not None or error is not None)
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def flush(self) -> None:
         for store in self.values():
