@@ -104,7 +104,7 @@ def main() -> None:
         }
 
         wait_until_quiet(args.max_load)
-        stream = calibrate(path, work / "calib-stream", args)
+        stream = calibrate(path, work / "calib-stream", args, "--engine", "stream")
         commands.append(shell(stream.command))
         stream_timings = timings(work / "calib-stream", "calibration.json")
         calib_size = sum(f.stat().st_size for f in (work / "calib-stream").rglob("*") if f.is_file())
