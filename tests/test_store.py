@@ -106,3 +106,16 @@ def test_every_statistic_store_is_closed_when_one_write_failed(tmp_path, monkeyp
         for store in stores.values():
             store.put("x", torch.ones(4))
     assert [store.writer for store in stores.values()] == [None, None, None]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_file_from_the_gpu_holds_the_tensor_as_it_was_when_put(tmp_path):
+    """The copy to pinned memory is queued behind the device's work; the writer waits for it, not `put`."""
+    store = TensorStore(tmp_path, "covariance")
+    on_device = torch.randn(4096, 4096, device="cuda")
+    expected = on_device.cpu()
+    torch.cuda._sleep(10**9)  # keeps the stream busy: the copy is still queued when put returns
+    store.put("c", on_device)
+    on_device.zero_()  # queued behind the copy
+    store.close()
+    assert torch.equal(load_file(store.path("c"))["covariance"], expected)
