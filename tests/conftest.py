@@ -34,6 +34,15 @@ class CliResult:
     stderr: str
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` are skipped where there is no CUDA device (CI); gpu_check.sh selects them by the mark."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run `tlora ARGS` in this process: the exit code and both streams, as a shell would see them."""

@@ -121,7 +121,7 @@ def test_batch_loss_is_the_sum_of_each_samples_mean_and_names_an_empty_sample():
         batch_loss(logits, empty)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_batched_stream_on_cuda_with_read_ahead_equals_a_batch_of_one_on_cpu(
     model_factory, data_file, tmp_path, run_cli
 ):

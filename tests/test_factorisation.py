@@ -171,7 +171,7 @@ def _ill_conditioned(m: int, n: int, rank: int, seed: int) -> torch.Tensor:
     return _with_spectrum(m, n, values, seed)
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,6 +25,15 @@ def test_the_dry_run_runs_every_command_and_writes_the_results_table(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tests collected" in done.stdout  # the CUDA tests exist and import
+    for test in (  # every file's CUDA tests: those marked `cuda`, whatever their names
+        "test_streaming.py::test_a_tensor_leaving_the_gpu_is_read_as_it_was_when_put",
+        "test_streaming.py::test_streamed_on_cuda_equals_the_whole_model_on_cpu[mistral]",
+        "test_batching.py::test_batched_stream_on_cuda_with_read_ahead_equals_a_batch_of_one_on_cpu",
+        "test_store.py::test_a_file_from_the_gpu_holds_the_tensor_as_it_was_when_put",
+        "test_factorisation.py::test_ill_conditioned_products_match_the_float64_svd[shape2-40-cuda]",
+    ):
+        assert f"tests/{test}\n" in done.stdout, test
+    assert "-cpu]" not in done.stdout  # nothing else
     text = results.read_text()
     assert "## tlora init on cpu: tiny-llama (random bf16), N=4, T=64, budget rank 8 (DRY RUN" in text
     header = next(line for line in text.splitlines() if line.startswith("| run |"))

@@ -108,7 +108,7 @@ def test_every_statistic_store_is_closed_when_one_write_failed(tmp_path, monkeyp
     assert [store.writer for store in stores.values()] == [None, None, None]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_a_file_from_the_gpu_holds_the_tensor_as_it_was_when_put(tmp_path):
     """The copy to pinned memory is queued behind the device's work; the writer waits for it, not `put`."""
     store = TensorStore(tmp_path, "covariance")

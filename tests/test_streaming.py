@@ -104,7 +104,7 @@ def assert_same_numbers(calib: Path, calib_ref: Path, adapter: Path, adapter_ref
     assert config == config_ref
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     ("arch", "options"), [MODELS[1], MODELS[3], MODELS[5]], ids=["llama-tied", "mistral", "gemma3"]
 )
@@ -123,7 +123,7 @@ def test_streamed_on_cuda_equals_the_whole_model_on_cpu(arch, options, model_fac
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_a_tensor_leaving_the_gpu_is_read_as_it_was_when_put():
     """The copy to the host is queued, not waited for: what the device does next must not reach it, and a read
     waits for it."""
