@@ -5,7 +5,7 @@
    the same two cores. Rounds alternate the order; the median is reported, with tlora's phase timings
    (rank 0's) and a check that both adapters agree.
 2. Factorisation of a Llama-2-7B-shaped model's 224 modules (32 layers x q, k, v, o, gate, up, down) at
-   rank 16, split over K = 1, 2, 4, 8 ranks by tlora's own ownership (pipeline.input_owners). One module
+   rank 16, split over K = 1, 2, 4, 8 ranks by tlora's own ownership (methods.factorise.input_owners). One module
    of each of the three shapes is timed (random W, a covariance with a spectrum over six decades); every
    layer has the same shapes, so a rank's time is the sum of its modules' times: the K ranks of one node
    would take the largest of them (the factorisation phase's wall time), before gathering to rank 0.
@@ -36,10 +36,10 @@ from common import (
 )
 
 from tlora_cli.allocation import ModuleAllocation
-from tlora_cli.builtin_model import builtin_model_path
 from tlora_cli.distributed import Dist
 from tlora_cli.factorisation import tlora_a
-from tlora_cli.pipeline import factorisation_cost, input_owners
+from tlora_cli.methods.factorise import factorisation_cost, input_owners
+from tlora_cli.model.builtin import builtin_model_path
 
 SMOL_ARGS = ["--num-samples", "16", "--seq-len", "128", "--device", "cpu", "--quiet"]
 HIDDEN, MLP, LAYERS, RANK = 4096, 11008, 32, 16

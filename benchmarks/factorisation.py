@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from common import BENCH_DIR, append_results, load_average, markdown_table, tlora_script
 
-from tlora_cli.builtin_model import builtin_model_path
 from tlora_cli.calib.folder import load_calibration
 from tlora_cli.factorisation import top_right_singular_vectors
-from tlora_cli.model_io import Checkpoint
+from tlora_cli.model.builtin import builtin_model_path
+from tlora_cli.model.checkpoint import Checkpoint
 
 
 def similarity(a: torch.Tensor, reference: torch.Tensor) -> float:

@@ -99,7 +99,7 @@ def random_tensor(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def write_tokenizer(out: Path) -> None:
     """SmolLM2's tokenizer restricted to ids < VOCAB: a valid byte-level BPE whose ids fit the embedding."""
-    from tlora_cli.builtin_model import builtin_model_path
+    from tlora_cli.model.builtin import builtin_model_path
 
     source = builtin_model_path()
     spec = json.loads((source / "tokenizer.json").read_text())

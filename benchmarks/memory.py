@@ -39,7 +39,7 @@ STREAM_PHASES = ("data", "load", "capture", "forward", "backward", "fingerprint"
 
 def model_dir(name: str, cache: Path) -> Path:
     if name == "smollm2-135m":
-        from tlora_cli.builtin_model import builtin_model_path
+        from tlora_cli.model.builtin import builtin_model_path
 
         return builtin_model_path()
     return ensure_checkpoint(name, cache)

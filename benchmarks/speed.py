@@ -259,7 +259,7 @@ def main() -> None:
 
     logging.disable_progress_bar()
 
-    from tlora_cli.builtin_model import builtin_model_path
+    from tlora_cli.model.builtin import builtin_model_path
 
     path = builtin_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -12,7 +12,7 @@ from tlora_cli.calib.collector import accumulate_xtx, mirrored, per_sample_score
 from tlora_cli.calib.folder import load_calibration
 from tlora_cli.data import EncodedSample, load_calibration_set
 from tlora_cli.errors import TloraError
-from tlora_cli.model_io import load_tokenizer
+from tlora_cli.model.loading import load_tokenizer
 
 # q/k/v reading one input, local attention with padding, GPT-NeoX's fused attention and parallel MLP
 BATCH_MODELS = [

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tlora_cli import builtin_model
-from tlora_cli.builtin_model import (
+from tlora_cli.errors import TloraError
+from tlora_cli.model import builtin as builtin_model
+from tlora_cli.model.builtin import (
     BUILTIN_MODEL_NAME,
     COMPLETE_MARKER,
     GGUF_FILE,
@@ -21,7 +22,6 @@ from tlora_cli.builtin_model import (
     cache_root,
     gguf_folder,
 )
-from tlora_cli.errors import TloraError
 
 # GGUF name -> transformers name, for tensors llama.cpp stores unpermuted (q/k are permuted for its RoPE).
 SAME_LAYOUT = {

@@ -30,7 +30,6 @@ from tlora_cli.data import (
     datasets_table,
     list_datasets,
     load_calibration_set,
-    rank_warning,
     samples_plain,
     samples_text,
     show_samples,
@@ -751,6 +750,11 @@ def test_list_datasets() -> None:
 
 
 def test_rank_warning() -> None:
-    assert rank_warning(64, 64) is None
-    message = rank_warning(40, 64)
+    from tlora_cli.calib.statistics import Statistics
+
+    def stats(tokens: int) -> Statistics:
+        return Statistics(targets=[], input_of={}, tensors={}, scores={}, num_samples=1, num_tokens=tokens)
+
+    assert stats(64).rank_warning(64) is None
+    message = stats(40).rank_warning(64)
     assert "40 tokens" in message and "rank 64" in message and "\n" not in message

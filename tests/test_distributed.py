@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tlora's CLI with one rank made to fail (MODE: error before any collective, late mid-calibration, kill, hang).
 FAILING = """
 import os, signal, time
-from tlora_cli import pipeline
+from tlora_cli.calib import calibrate as calibrate_module
 from tlora_cli.calib import collector
 from tlora_cli.errors import TloraError
 
@@ -41,7 +41,7 @@ def fail(*args, **kwargs):
 
 if os.environ["RANK"] == "1":
     if os.environ["MODE"] == "error":
-        pipeline._read_data = fail
+        calibrate_module.read_data = fail
     else:
         collector.Collector.finish = fail
 from tlora_cli.cli import main
@@ -153,12 +153,12 @@ def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch):
 
 
 def test_only_rank_0_says_why_every_rank_stopped(run_cli, monkeypatch, model_factory, tmp_path):
-    from tlora_cli import pipeline
+    from tlora_cli.calib import calibrate as calibrate_module
 
     def stop(*args, **kwargs):
         raise Stopped("rank 1: no data here")
 
-    monkeypatch.setattr(pipeline, "_read_data", stop)
+    monkeypatch.setattr(calibrate_module, "read_data", stop)
     args = ["init", "--model", model_factory("llama"), "-o", tmp_path / "out"]
     result = run_cli(*args)
     assert result.code == 1 and result.stderr.strip() == "error: rank 1: no data here"

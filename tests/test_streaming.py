@@ -375,7 +375,7 @@ def test_a_run_killed_mid_way_leaves_no_output(sig, model_factory, tmp_path):
 
 def test_a_checkpoint_opens_each_shard_once_however_many_tensors_it_reads(model_factory, monkeypatch):
     """Every open parses a shard's header again; a layer's tensors are read one by one from the same shard."""
-    import tlora_cli.model_io as model_io
+    import tlora_cli.model.checkpoint as model_io
 
     opened: list[Path] = []
     original = model_io.safe_open
@@ -395,7 +395,7 @@ def test_layers_read_and_unloaded_leave_nothing_of_their_shards_resident(read_ah
     """A shard reader maps its file, and what was read through it stays in the resident set while the map
     lives: kept open all along, a streamed 7B's peak RSS held the whole checkpoint. After every layer has
     been read and unloaded, the shards' maps hold no more than the modules that stay loaded needed."""
-    import tlora_cli.model_io as model_io
+    import tlora_cli.model.checkpoint as model_io
 
     path = model_factory("llama")
     checkpoint = model_io.Checkpoint(path)
@@ -451,7 +451,7 @@ def test_reading_ahead_reads_every_layer_on_the_reader_thread_and_changes_no_num
 def test_an_error_on_the_reader_thread_is_one_line(model_factory, tiny_init, tmp_path, monkeypatch):
     import threading
 
-    import tlora_cli.model_io as model_io
+    import tlora_cli.model.checkpoint as model_io
 
     original = model_io.Checkpoint.get
 

@@ -217,10 +217,17 @@ def allocate_released(
     return out
 
 
-def check_uniform_min_rank(rank_allocation: bool, budget_rank: int, min_rank: int) -> None:
-    """Without rank allocation every module gets r_init: a --min-rank above it cannot hold, so say so."""
-    if not rank_allocation and min_rank > budget_rank:
-        raise TloraError(
-            f"--min-rank {min_rank} is above --budget-rank {budget_rank}, which every module gets without rank "
-            "allocation (--uniform, --no-rank-allocation): lower --min-rank or raise --budget-rank"
-        )
+def check_allocations_finite(allocations: list[ModuleAllocation], where: str = "the allocation") -> None:
+    """Every score, share, alpha and scaling a finite number, or one line naming the module and the flag."""
+    for a in allocations:
+        for field, value in (("score", a.score), ("share", a.share)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise TloraError(
+                    f"{where} gives {a.name} the {field} {value!r}, which is not a finite number: "
+                    "recalibrate (or fix the plan's scores)"
+                )
+        if a.rank and not (math.isfinite(a.alpha) and math.isfinite(a.scaling) and a.alpha > 0):
+            raise TloraError(
+                f"{where} gives {a.name} alpha {a.alpha!r} (scaling {a.scaling!r}), which is not a finite positive "
+                "number: lower --alpha (or the plan's alpha)"
+            )

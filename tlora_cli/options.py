@@ -1,127 +1,151 @@
-"""The settings of each stage, with their defaults in one place; each checks itself before anything is read."""
+"""Every option is declared once, as a field of an options class: default, help, flag names and check together.
+
+The CLI's flags are generated from these fields (flags.py), and the library takes the same classes by keyword,
+so a new option is one field. `Options.check()` runs every field's own check, then `check_together()` (what
+depends on several fields), before any model, data or hub is touched.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .allocation import allocate, check_uniform_min_rank
 from .errors import TloraError
 
-RECIPES = ("default", "released")
-RELEASED_NUM_SAMPLES = 256  # math_train.py's dataset.select(range(256))
-DEFAULT_NUM_SAMPLES = 32
-DEFAULT_BUDGET_RANK = 8
+FLAG = "tlora_flag"
+Check = Callable[[Any], str | None]  # a problem with the value, in words, or None
 
 
-def check_recipe(recipe: str) -> None:
-    if recipe not in RECIPES:
-        raise TloraError(f"--recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+@dataclass(frozen=True)
+class Flag:
+    """How one field appears on the command line: its help, its names (default --field-name) and its check."""
+
+    help: str
+    names: tuple[str, ...] = ()
+    check: Check | None = None
+    metavar: str | None = None
+    fallback: Any = None  # what a None default stands for (`Options.value`): None tells "not given" apart
+
+    def display(self, field: str) -> str:
+        """The long name a message uses: --seq-len (for --center/--no-center, --center)."""
+        long = next((n for n in self.names if n.startswith("--")), None)
+        return long.split("/")[0] if long else "--" + field.replace("_", "-")
 
 
-@dataclass
-class CalibrationOptions:
-    """What calibration runs on and measures. None: the default (num_samples 32, 256 with the released
-    recipe; center: SPEC.md's per-sample centred Cov[X], the uncentred second moment when gradients are
-    collected for lora-da)."""
-
-    num_samples: int | None = None
-    seq_len: int = 512
-    target_modules: str | None = None
-    center: bool | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
-    engine: str = "auto"
-    batch_size: int | None = None  # None: the largest that fits (calib/sizing.py)
-    offload_dir: Path | None = None
-    read_ahead: bool = True  # stream engine: read the next layer while one computes
-    gradients: bool = False  # also collect what --method lora-da needs
-    covariances: bool = True  # False for methods that never read C (random, w-svd)
-    recipe: str = "default"
-
-    def check(self) -> None:
-        """Fail on bad settings before any model is read."""
-        check_recipe(self.recipe)
-        if self.recipe == "released" and self.center is False:
-            raise TloraError("--recipe released centres each sample, as the released code does: drop --no-center")
-        if self.seq_len < 2:
-            raise TloraError(f"--seq-len must be at least 2, got {self.seq_len}")
-        if self.samples < 1:
-            raise TloraError(f"--num-samples must be at least 1, got {self.samples}")
-        if self.engine not in ("auto", "stream", "whole"):
-            raise TloraError(f"--engine must be auto, stream or whole, got {self.engine!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise TloraError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.offload_dir is not None and not self.offload_dir.is_dir():
-            raise TloraError(f"--offload-dir {self.offload_dir} is not an existing folder: create it first")
-
-    @property
-    def samples(self) -> int:
-        if self.num_samples is not None:
-            return self.num_samples
-        return RELEASED_NUM_SAMPLES if self.recipe == "released" else DEFAULT_NUM_SAMPLES
-
-    @property
-    def centred(self) -> bool:
-        return not self.gradients if self.center is None else self.center
+REQUIRED = dataclasses.MISSING  # an option's default when the flag must be given
 
 
-@dataclass
-class AllocationOptions:
-    """How ranks and alphas are shared out. None: the default (budget_rank 8, alpha = budget_rank, min_rank 0);
-    uniform: r_init and alpha everywhere, whatever rank_allocation and alpha_allocation say."""
+def option(
+    default: Any,
+    help: str,
+    *names: str,
+    check: Check | None = None,
+    metavar: str | None = None,
+    fallback: Any = None,
+) -> Any:
+    """A dataclass field that is also a command-line flag. With `fallback`, the default is None (so a flag given
+    is told apart from one left alone) and `Options.value` reads the fallback in its place."""
+    flag = Flag(help, names, check, metavar, fallback)
+    if default is REQUIRED:
+        return dataclasses.field(metadata={FLAG: flag})
+    return dataclasses.field(default=default, metadata={FLAG: flag})
 
-    budget_rank: int | None = None
-    alpha: float | None = None
-    min_rank: int | None = None
-    rank_allocation: bool = True
-    alpha_allocation: bool = True
-    recipe: str = "default"
-    uniform: bool = False
+
+def flag_of(field: dataclasses.Field) -> Flag | None:
+    return field.metadata.get(FLAG)
+
+
+def flag_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of an options class that are flags (others are set by the library)."""
+    return [f for f in dataclasses.fields(cls) if flag_of(f) is not None]
+
+
+def display(cls: type, name: str) -> str:
+    """A field's flag as messages write it."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    flag = flag_of(field)
+    return flag.display(name) if flag else name
+
+
+class Options:
+    """Base of the options classes (dataclasses)."""
 
     def check(self) -> None:
-        """Fail on bad allocation flags before minutes of calibration."""
-        check_recipe(self.recipe)
-        if self.recipe == "released" and (self.min_rank or not (self.ranks_allocated and self.alphas_allocated)):
-            raise TloraError(
-                "--recipe released allocates ranks and alphas its own way: drop --min-rank, --uniform, "
-                "--no-rank-allocation and --no-alpha-allocation"
-            )
-        allocate(["x"], [(self.rank, self.rank)], [1.0], self.rank, self.alpha, self.least_rank)
-        check_uniform_min_rank(self.ranks_allocated, self.rank, self.least_rank)
+        """Each flag's own check, then the checks across fields; the first problem is one TloraError."""
+        for field in flag_fields(type(self)):
+            flag = flag_of(field)
+            value = getattr(self, field.name)
+            problem = flag.check(value) if flag.check and value is not None else None
+            if problem:
+                raise TloraError(f"{flag.display(field.name)} {problem}")
+        self.check_together()
 
-    def check_with_plan(self) -> None:
-        """A plan fixes every rank and alpha: the flags that would set them conflict with it."""
-        if self.budget_rank is not None or self.alpha is not None or self.min_rank is not None or self.uniform:
-            raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
+    def check_together(self) -> None:
+        """Checks that involve several fields; none by default."""
 
-    @property
-    def rank(self) -> int:
-        return DEFAULT_BUDGET_RANK if self.budget_rank is None else self.budget_rank
+    def value(self, name: str) -> Any:
+        """A field's value, its flag's fallback where it was left at None."""
+        value = getattr(self, name)
+        if value is None:
+            field = next(f for f in dataclasses.fields(self) if f.name == name)
+            flag = flag_of(field)
+            return flag.fallback if flag else None
+        return value
 
-    @property
-    def least_rank(self) -> int:
-        return self.min_rank or 0
+    def values(self) -> dict[str, Any]:
+        """Every flag's value, fallbacks applied: what the metadata records."""
+        return {f.name: self.value(f.name) for f in flag_fields(type(self))}
 
-    @property
-    def ranks_allocated(self) -> bool:
-        return self.rank_allocation and not self.uniform
+    def given(self) -> list[str]:
+        """The flags set to something other than their default (None-default flags: set at all)."""
+        return [flag_of(f).display(f.name) for f in flag_fields(type(self)) if getattr(self, f.name) != f.default]
 
-    @property
-    def alphas_allocated(self) -> bool:
-        return self.alpha_allocation and not self.uniform
 
-    def settings(self, num_modules: int) -> dict:
-        """What the plan and the metadata record: the options as applied, and the totals they give."""
-        alpha = float(self.rank if self.alpha is None else self.alpha)
-        return {
-            "budget_rank": self.rank,
-            "alpha": alpha,
-            "min_rank": self.least_rank,
-            "rank_allocation": self.ranks_allocated,
-            "alpha_allocation": self.alphas_allocated,
-            "recipe": self.recipe,
-            "budget": num_modules * self.rank,
-            "alpha_total": num_modules * alpha,
-        }
+# Checks shared by many options. Each returns what is wrong ("must be ...") or None.
+
+
+def at_least(low: int) -> Check:
+    def check(value: int) -> str | None:
+        return None if value >= low else f"must be at least {low}, got {value}"
+
+    return check
+
+
+def between(low: int, high: int) -> Check:
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be between {low} and {high}, got {value}"
+
+    return check
+
+
+def one_of(choices: Iterable[str]) -> Check:
+    choices = tuple(choices)
+
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}; got {value!r}"
+
+    return check
+
+
+def positive(value: float) -> str | None:
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    return None if value > 0 else f"must be positive, got {value:g}"
+
+
+def finite_non_negative(value: float) -> str | None:
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    return None if value >= 0 else f"must be 0 or more, got {value:g}"
+
+
+def existing_folder(value: Path) -> str | None:
+    return None if value.is_dir() else f"{value} is not an existing folder: create it first"
+
+
+def not_blank(value: str) -> str | None:
+    return "is empty: give a value, or drop the flag" if not value.strip() else None

@@ -1,16 +1,105 @@
-"""The allocation plan as a JSON file a person can read, edit and hand back to `tlora init --plan`."""
+"""The allocation plan: the options that shape it, the allocation they give, and the JSON file a person can read,
+edit and hand back to `tlora init --plan`."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from .allocation import ModuleAllocation
+from .allocation import ModuleAllocation, allocate, allocate_released, check_allocations_finite
+from .calib.statistics import Statistics
 from .errors import TloraError
-from .targets import Target
+from .jsonio import read_object
+from .model.targets import Target
+from .options import Options, at_least, option, positive
+from .recipe import RecipeOptions
 
 FORMAT = "tlora-plan/1"
+DEFAULT_BUDGET_RANK = 8
+
+
+@dataclass
+class AllocationOptions(Options):
+    """How ranks and alphas are shared out. None: the default (budget_rank 8, alpha = budget_rank, min_rank 0);
+    uniform: r_init and alpha everywhere, whatever rank_allocation and alpha_allocation say."""
+
+    budget_rank: int | None = option(
+        None, f"r_init: the budget is L * r_init ranks. Default {DEFAULT_BUDGET_RANK}.", check=at_least(1)
+    )
+    alpha: float | None = option(
+        None, "LoRA alpha per module; alpha_total = L * alpha. Default: r_init.", check=positive
+    )
+    min_rank: int | None = option(
+        None, "Smallest rank a module may get (0 lets a module go without adapter).", check=at_least(0)
+    )
+    uniform: bool = option(False, "Every module r_init and alpha (TLoRA init only, no allocation).", "--uniform")
+    rank_allocation: bool = option(True, "Allocate ranks by importance (off: r_init everywhere).")
+    alpha_allocation: bool = option(True, "Allocate alphas by importance (off: alpha everywhere).")
+
+    def check_together(self) -> None:
+        """Without rank allocation every module gets r_init: a --min-rank above it cannot hold, so say so."""
+        if not self.ranks_allocated and self.least_rank > self.rank:
+            raise TloraError(
+                f"--min-rank {self.least_rank} is above --budget-rank {self.rank}, which every module gets without "
+                "rank allocation (--uniform, --no-rank-allocation): lower --min-rank or raise --budget-rank"
+            )
+
+    def check_recipe(self, recipe: RecipeOptions) -> None:
+        recipe.check_allocation(bool(self.min_rank) or not (self.ranks_allocated and self.alphas_allocated))
+
+    def check_with_plan(self) -> None:
+        """A plan fixes every rank and alpha: the flags that would set them conflict with it."""
+        if self.budget_rank is not None or self.alpha is not None or self.min_rank is not None or self.uniform:
+            raise TloraError("--plan fixes every rank and alpha: drop --budget-rank/--alpha/--min-rank/--uniform")
+
+    @property
+    def rank(self) -> int:
+        return DEFAULT_BUDGET_RANK if self.budget_rank is None else self.budget_rank
+
+    @property
+    def least_rank(self) -> int:
+        return self.min_rank or 0
+
+    @property
+    def ranks_allocated(self) -> bool:
+        return self.rank_allocation and not self.uniform
+
+    @property
+    def alphas_allocated(self) -> bool:
+        return self.alpha_allocation and not self.uniform
+
+    def settings(self, num_modules: int, recipe: RecipeOptions) -> dict:
+        """What the plan and the metadata record: the options as applied, and the totals they give."""
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        return {
+            "budget_rank": self.rank,
+            "alpha": alpha,
+            "min_rank": self.least_rank,
+            "rank_allocation": self.ranks_allocated,
+            "alpha_allocation": self.alphas_allocated,
+            "recipe": recipe.recipe,
+            "budget": num_modules * self.rank,
+            "alpha_total": num_modules * alpha,
+        }
+
+    def allocate(self, stats: Statistics, recipe: RecipeOptions) -> list[ModuleAllocation]:
+        """The allocation of SPEC.md (or the released code's) over the calibration's scores."""
+        names, shapes = [t.name for t in stats.targets], [t.shape for t in stats.targets]
+        scores = [stats.scores[t.name] for t in stats.targets]
+        if recipe.released:
+            return allocate_released(names, shapes, scores, self.rank, self.alpha)
+        return allocate(
+            names,
+            shapes,
+            scores,
+            rank=self.rank,
+            alpha=self.alpha,
+            min_rank=self.least_rank,
+            rank_allocation=self.ranks_allocated,
+            alpha_allocation=self.alphas_allocated,
+        )
 
 
 def plan_document(allocations: list[ModuleAllocation], settings: dict, fingerprint: str) -> dict:
@@ -29,8 +118,6 @@ def plan_document(allocations: list[ModuleAllocation], settings: dict, fingerpri
 
 
 def write_plan(path: Path, allocations: list[ModuleAllocation], settings: dict, fingerprint: str) -> None:
-    from .adapter import check_allocations_finite
-
     check_allocations_finite(allocations)
     try:
         text = json.dumps(plan_document(allocations, settings, fingerprint), indent=2, allow_nan=False)
@@ -42,25 +129,18 @@ def write_plan(path: Path, allocations: list[ModuleAllocation], settings: dict, 
 def _document(path: Path) -> dict:
     if not path.is_file():
         raise TloraError(f"plan {path} is not a file: pass the JSON file `tlora allocate` wrote")
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise TloraError(f"cannot read plan {path}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise TloraError(f"plan {path} is not valid JSON (line {e.lineno}): fix it or rerun `tlora allocate`") from e
-    except (UnicodeDecodeError, RecursionError) as e:
-        raise TloraError(f"plan {path} is not a readable JSON text: fix it or rerun `tlora allocate`") from e
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("modules"), list):
+    doc = read_object(path, "fix it or rerun `tlora allocate`")
+    if doc.get("format") != FORMAT or not isinstance(doc.get("modules"), list):
         raise TloraError(f"{path} is not a tlora plan (format {FORMAT}): make one with `tlora allocate`")
     if not isinstance(doc.get("settings", {}), dict):
         raise TloraError(f'plan {path}: "settings" is not a JSON object; rerun `tlora allocate`')
     return doc
 
 
-def check_plan_recipe(path: Path, recipe: str) -> None:
+def check_plan_recipe(path: Path, recipe: RecipeOptions) -> None:
     """Before any work: the recipe decides more than ranks and alphas (whether A trains, what is recorded)."""
     made_with = _document(path).get("settings", {}).get("recipe", "default")
-    if made_with != recipe:
+    if made_with != recipe.recipe:
         raise TloraError(f"plan {path} was made with --recipe {made_with}: pass --recipe {made_with} to init as well")
 
 

@@ -5,11 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .distributed import is_main_process
+from .options import Options, option
+
+
+@dataclass
+class ProgressOptions(Options):
+    quiet: bool = option(False, "No progress bars or messages.", "--quiet", "-q")
 
 
 class Reporter:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .adapter import METADATA
+from .adapter.layout import METADATA
+from .jsonio import maybe_object
 
 
 def freeze_lora_a(model: torch.nn.Module) -> int:
@@ -38,8 +38,7 @@ def load_for_training(base_model: torch.nn.Module, adapter_dir: str | Path, free
     from peft import PeftModel
 
     if freeze_a is None:
-        meta = Path(adapter_dir) / METADATA
-        freeze_a = not (meta.is_file() and json.loads(meta.read_text()).get("train_a", False))
+        freeze_a = not (maybe_object(Path(adapter_dir) / METADATA) or {}).get("train_a", False)
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=True)
     if freeze_a:
         freeze_lora_a(model)

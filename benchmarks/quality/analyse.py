@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from tlora_cli.builtin_model import builtin_model_path
+from tlora_cli.model.builtin import builtin_model_path
 
 ADAPTERS = ["lora-s0", "w-svd", "tlora-init", "tlora"]
 

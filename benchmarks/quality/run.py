@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tlora_cli.builtin_model import builtin_model_path
 from tlora_cli.data import Sample, encode_sample
+from tlora_cli.model.builtin import builtin_model_path
 from tlora_cli.training import load_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py

@@ -18,6 +18,7 @@ import torch
 
 from ..distributed import Dist
 from ..errors import TloraError
+from .statistics import COVARIANCES, KINDS
 
 CHUNK_BYTES = 256 * 2**20  # per-sample weight gradients formed at once, in float32
 
@@ -148,23 +149,25 @@ def _add(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
 class Collector:
     """Registers the statistics' hooks on target modules and finishes what they summed.
 
-    `center`: per-sample centred covariance (else the second moment); `covariances=False` skips X^T X
-    (methods that never read C); `gradients=True` adds LoRA-DA's mean gradients and output-gradient moments;
-    `dist`: the ranks whose sums `finish()` adds up (one process without torchrun); `spread`: under torchrun,
-    each input's statistics go to the rank that will factorise it (`owners`, balanced by cost) rather than
-    all to rank 0, so that no rank holds more than its share. Scores go to every rank.
+    `kinds`: the tensor statistics to measure (KINDS names): the covariance X^T X from the forward pre-hooks
+    (`center`: per-sample centred, else the second moment), every other kind from each module's output gradient
+    and input (its KINDS row says how); importance scores are always measured. `dist`: the ranks whose sums
+    `finish()` adds up (one process without torchrun); `spread`: under torchrun, each input's statistics go to the
+    rank that will factorise it (`owners`, balanced by cost) rather than all to rank 0, so that no rank holds
+    more than its share. Scores go to every rank.
     """
 
     def __init__(
         self,
         center: bool,
-        covariances: bool,
-        gradients: bool,
+        kinds: frozenset[str],
         dtype: torch.dtype,
         dist: Dist | None = None,
         spread: bool = False,
     ):
-        self.center, self.covariances, self.gradients, self.dtype = center, covariances, gradients, dtype
+        self.center, self.dtype = center, dtype
+        self.covariances = COVARIANCES in kinds
+        self.gradient_kinds = sorted(k for k in kinds if KINDS[k].from_gradient is not None)
         self.dist, self.spread = dist or Dist(), spread
         self.shapes: dict[str, tuple[int, ...]] = {}  # (out, in) of every module watched, for the owners' costs
         self.owners: dict[str, int] = {}  # input key -> the rank holding its statistics (under torchrun)
@@ -172,8 +175,7 @@ class Collector:
         self.groups = InputGroups()
         self.cov_sum: dict[str, torch.Tensor] = {}
         self.score_sum: dict[str, torch.Tensor] = {}
-        self.grad_sum: dict[str, torch.Tensor] = {}
-        self.out_sq_sum: dict[str, torch.Tensor] = {}
+        self.gradient_sums: dict[str, dict[str, torch.Tensor]] = {kind: {} for kind in self.gradient_kinds}
         self.mask: torch.Tensor | None = None  # the running batch's real tokens (Batch.pads), set by the engine
         self.input_scratch, self.gradient_scratch = Scratch(), Scratch()
 
@@ -235,10 +237,10 @@ class Collector:
     def _add_gradient(self, name: str, weight: torch.Tensor, x: torch.Tensor, grad: torch.Tensor) -> None:
         """Pads add nothing: no loss depends on them, so their output gradient is zero."""
         self.score_sum[name].add_(per_sample_scores(weight, x, grad, self.gradient_scratch).sum())
-        if self.gradients:
+        if self.gradient_kinds:
             flat_grad, flat_x = grad.reshape(-1, grad.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
-            _add(self.grad_sum, name, flat_grad.T @ flat_x)  # sum over samples of dL_n/dW
-            _add(self.out_sq_sum, name, flat_grad.pow(2).sum(dim=0))
+            for kind in self.gradient_kinds:
+                _add(self.gradient_sums[kind], name, KINDS[kind].from_gradient(flat_grad, flat_x))
 
     def check_finite(self, fallback: str | None = None) -> None:
         """Raise naming the first input whose covariance holds a NaN or inf (or `fallback` when none does)."""
@@ -253,16 +255,18 @@ class Collector:
     def finish(self, num_samples: int, num_tokens: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
         """Every sum held so far as a mean, handed over and no longer held: ({kind: {key: tensor}}, scores).
 
-        Covariances are X^T X / tokens, scores and mean gradients per sample, output-gradient moments per token;
+        Covariances are X^T X / tokens, scores per sample, every other kind per sample or token as its row says;
         under torchrun over every rank's samples and tokens.
         """
         if self.dist.active:
             num_samples, num_tokens = self._reduce(num_samples, num_tokens)
         self.check_finite()
-        tensors = {"covariances": {k: mirrored(self.cov_sum.pop(k)).div_(num_tokens) for k in list(self.cov_sum)}}
-        if self.gradients:
-            tensors["mean_grads"] = {k: self.grad_sum.pop(k) / num_samples for k in list(self.grad_sum)}
-            tensors["output_grad_sq"] = {k: self.out_sq_sum.pop(k) / num_tokens for k in list(self.out_sq_sum)}
+        tensors = {}
+        if self.covariances:
+            tensors[COVARIANCES] = {k: mirrored(self.cov_sum.pop(k)).div_(num_tokens) for k in list(self.cov_sum)}
+        for kind, sums in self.gradient_sums.items():
+            count = num_samples if KINDS[kind].per == "samples" else num_tokens
+            tensors[kind] = {k: sums.pop(k) / count for k in list(sums)}
         scores = {k: self.score_sum.pop(k).item() / num_samples for k in list(self.score_sum)}
         return tensors, scores
 
@@ -273,7 +277,7 @@ class Collector:
         One gather first says which sums exist, their shapes and the inputs modules read: a rank that had
         no sample has summed nothing and sends zeros, and every rank adds the sums in the same order.
         """
-        sums = (self.cov_sum, self.score_sum, self.grad_sum, self.out_sq_sum)
+        sums = (self.cov_sum, self.score_sum, *self.gradient_sums.values())
         layout = [{k: (t.shape, t.dtype) for k, t in held.items()} for held in sums]
         gathered = self.dist.all_gather((layout, self.groups.input_of, num_samples, num_tokens))
         for _, input_of, _, _ in gathered:

@@ -6,14 +6,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..calib_check import check_files, check_manifest, check_tensor, manifest_kinds
 from ..errors import TloraError
-from ..targets import Target
-from .statistics import GRADIENT_KINDS, KINDS, Statistics, StatisticStores, kinds_for
+from ..model.targets import Target
+from .check import check_files, check_manifest, check_tensor, manifest_kinds
+from .layout import FORMAT, MANIFEST
+from .statistics import KINDS, Statistics, StatisticStores
 from .store import TensorStore, write_tensors
-
-FORMAT = "tlora-calibration/1"
-MANIFEST = "calibration.json"
 
 
 @dataclass
@@ -35,10 +33,10 @@ class Calibration:
             )
 
 
-def statistic_stores(folder: Path | None, gradients: bool) -> StatisticStores:
+def statistic_stores(folder: Path | None, kinds: frozenset[str]) -> StatisticStores:
     """Stores that write each finished statistic straight into the calibration folder's layout (or memory)."""
     return StatisticStores(
-        {k: TensorStore(folder / KINDS[k].folder if folder else None, KINDS[k].field) for k in kinds_for(gradients)}
+        {k: TensorStore(folder / KINDS[k].folder if folder else None, KINDS[k].field) for k in sorted(kinds)}
     )
 
 
@@ -53,7 +51,7 @@ def save_calibration(calibration: Calibration, folder: Path) -> None:
         "settings": calibration.settings,
         "num_samples": stats.num_samples,
         "num_tokens": stats.num_tokens,
-        "gradients": all(kind in stats.tensors for kind in GRADIENT_KINDS),
+        "statistics": sorted(stats.kinds),
         "modules": [
             {"name": t.name, "shape": list(t.shape), "input": stats.input_of[t.name], "score": stats.scores[t.name]}
             for t in stats.targets
@@ -70,15 +68,15 @@ def load_calibration(folder: Path) -> Calibration:
     try:
         manifest = json.loads(path.read_text())
         check_manifest(manifest, path)
-        if manifest.get("format") != FORMAT:
-            raise TloraError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: recalibrate")
         modules = manifest["modules"]
         targets = [Target(m["name"], *m["shape"]) for m in modules]
         keys = {True: sorted({m["input"] for m in modules}), False: [m["name"] for m in modules]}
         stats = Statistics(
             targets=targets,
             input_of={m["name"]: m["input"] for m in modules},
-            tensors={kind: _files(folder, kind, keys[KINDS[kind].per_input]) for kind in manifest_kinds(manifest)},
+            tensors={
+                kind: _files(folder, kind, keys[KINDS[kind].per_input]) for kind in manifest_kinds(manifest, path)
+            },
             scores={m["name"]: float(m["score"]) for m in modules},
             num_samples=int(manifest["num_samples"]),
             num_tokens=int(manifest["num_tokens"]),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .host_memory import available_host_memory
+from .statistics import COVARIANCES, KINDS
 
 MARGIN = 0.8  # of the free memory: allocator slack, fragmentation, what the estimate leaves out
 MAX_AUTO_BATCH = 8  # larger batches gain little once a batch's matmuls fill the device
@@ -61,18 +62,19 @@ class ModelSize:
         per_layer = (10 * self.hidden + 5 * self.intermediate + self.heads * seq_len) * element_size
         return batch * seq_len * (layers * per_layer + self.vocab * (element_size + 8))
 
-    def statistics(self, gradients: bool) -> int:
+    def statistics(self, kinds: frozenset[str]) -> int:
         """The float32 sums held until the end: per layer the covariances of the attention, output projection,
-        MLP and down projection inputs; LoRA-DA adds a float32 mean gradient as large as the weights."""
-        covariances = self.layers * (3 * self.hidden**2 + self.intermediate**2) * 4
-        return covariances + (self.num_params * 4 if gradients else 0)
+        MLP and down projection inputs; each statistic kept per module as large as its weight (LoRA-DA's mean
+        gradient) about the weights' size again in float32."""
+        covariances = self.layers * (3 * self.hidden**2 + self.intermediate**2) * 4 if COVARIANCES in kinds else 0
+        return covariances + sum(self.num_params * 4 for kind in kinds if KINDS[kind].weight_sized)
 
-    def needed(self, engine: str, batch: int, seq_len: int, element_size: int, gradients: bool) -> int:
+    def needed(self, engine: str, batch: int, seq_len: int, element_size: int, kinds: frozenset[str]) -> int:
         """Bytes on the device: all weights and statistics (whole), or two layers' weights (stream)."""
         if engine == "whole":
             return (
                 self.num_params * element_size
-                + self.statistics(gradients)
+                + self.statistics(kinds)
                 + self.activations(batch, seq_len, element_size, self.layers)
             )
         layer = self.num_params * element_size // max(self.layers, 1)
@@ -93,7 +95,7 @@ def choose(
     num_samples: int,
     seq_len: int,
     dtype: torch.dtype,
-    gradients: bool,
+    kinds: frozenset[str],
     free: int | None,
     max_batch: int = MAX_AUTO_BATCH,
 ) -> Choice:
@@ -104,7 +106,7 @@ def choose(
         return Choice("stream" if engine == "auto" else engine, batch_size or 1, f"{why}: streaming is safe")
     room = MARGIN * free
     element = dtype.itemsize
-    whole = size.needed("whole", 1, seq_len, element, gradients)
+    whole = size.needed("whole", 1, seq_len, element, kinds)
     used = engine if engine != "auto" else ("whole" if whole <= room else "stream")
     if engine != "auto":
         reason = f"--engine {engine}"
@@ -116,6 +118,6 @@ def choose(
         )
     if batch_size is None:
         limit = max(1, min(num_samples, max_batch))
-        fits = [b for b in range(1, limit + 1) if size.needed(used, b, seq_len, element, gradients) <= room]
+        fits = [b for b in range(1, limit + 1) if size.needed(used, b, seq_len, element, kinds) <= room]
         batch_size = max(fits, default=1)
     return Choice(used, batch_size, reason)

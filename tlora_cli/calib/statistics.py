@@ -2,40 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..data import EncodedSample
-from ..targets import Target
+from ..model.targets import Target
 from .store import TensorStore
 
 
 @dataclass(frozen=True)
 class Kind:
-    """A tensor statistic: its subfolder and tensor name in a calibration folder, what keys it, its shape."""
+    """A tensor statistic: its subfolder and tensor name in a calibration folder, what keys it, its shape, and
+    for a gradient statistic how a batch adds to its sum and what the sum is divided by."""
 
     folder: str
     field: str
     per_input: bool  # keyed by the input (modules reading one input share it), else by module
     shape: Callable[[int, int], tuple[int, ...]]  # of one key's tensor, from the module's (out, in)
+    # (output gradients (tokens x out), inputs (tokens x in)), both float32 -> what this batch adds to the sum
+    from_gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    per: str = "tokens"  # the sum becomes a mean over "tokens" or over "samples"
+
+    @property
+    def weight_sized(self) -> bool:
+        """One tensor as large as each module's weight (for the memory estimate)."""
+        return not self.per_input and len(self.shape(2, 3)) == 2
 
 
-# Every tensor statistic calibration can produce. A new one is a collector hook whose sums `finish()` hands
-# over under a new name here; stores, the calibration folder and its checks follow from this table.
+COVARIANCES = "covariances"
+# Every tensor statistic calibration can produce. A new one is a row here (with its `from_gradient`, or a hook in
+# the collector for an input statistic) and a method that asks for it; stores, the calibration folder and its
+# checks follow from this table.
 KINDS: dict[str, Kind] = {
-    "covariances": Kind("covariances", "covariance", True, lambda out, inp: (inp, inp)),
+    COVARIANCES: Kind("covariances", "covariance", True, lambda out, inp: (inp, inp)),
     # LoRA-DA only (docs/lora-da.md section 3): per module, the mean over samples of dL_n/dW, and
     # diag E[g g^T] of the gradients g reaching the module's output, averaged over tokens.
-    "mean_grads": Kind("mean_gradients", "mean_grad", False, lambda out, inp: (out, inp)),
-    "output_grad_sq": Kind("output_gradient_moments", "output_grad_sq", False, lambda out, inp: (out,)),
+    "mean_grads": Kind(
+        "mean_gradients", "mean_grad", False, lambda out, inp: (out, inp), lambda g, x: g.T @ x, per="samples"
+    ),
+    "output_grad_sq": Kind(
+        "output_gradient_moments", "output_grad_sq", False, lambda out, inp: (out,), lambda g, x: g.pow(2).sum(dim=0)
+    ),
 }
-GRADIENT_KINDS = ("mean_grads", "output_grad_sq")
 
 
-def kinds_for(gradients: bool) -> tuple[str, ...]:
-    return ("covariances", *GRADIENT_KINDS) if gradients else ("covariances",)
+def check_kinds(kinds: Iterable[str]) -> frozenset[str]:
+    """A set of statistic names, each one KINDS knows."""
+    kinds = frozenset(kinds)
+    unknown = sorted(kinds - KINDS.keys())
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; known: {sorted(KINDS)}")
+    return kinds
 
 
 @dataclass
@@ -53,7 +72,22 @@ class Statistics:
     @property
     def covariances(self) -> Mapping[str, torch.Tensor]:
         """Keyed by the first module that reads each input."""
-        return self.tensors["covariances"]
+        return self.tensors[COVARIANCES]
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self.tensors)
+
+    def rank_warning(self, largest_rank: int) -> str | None:
+        """The warning to print when the calibration has fewer tokens than the largest rank asked for: the
+        covariance X^T X then has at most `num_tokens` directions, and the rest of A's rows span nothing the
+        data showed. None when there is no shortfall."""
+        if self.num_tokens >= largest_rank:
+            return None
+        return (
+            f"the calibration has {self.num_tokens} tokens but a module gets rank {largest_rank}: its covariance "
+            "has fewer directions than A needs; use more or longer samples"
+        )
 
 
 class StatisticStores(dict[str, TensorStore]):
@@ -97,7 +131,7 @@ class StatisticStores(dict[str, TensorStore]):
         self.flush()
         tensors: dict[str, Mapping[str, torch.Tensor]] = dict(self)
         if covariances is not None:
-            tensors["covariances"] = covariances
+            tensors[COVARIANCES] = covariances
         return Statistics(
             targets=targets,
             input_of=input_of,

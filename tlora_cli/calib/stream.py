@@ -14,12 +14,12 @@ import torch
 
 from ..data import EncodedSample
 from ..errors import TloraError
+from ..model.targets import Target
 from ..progress import Reporter
-from ..targets import Target
 from .batches import batch_loss, make_batches
 from .collector import Collector
 from .host_memory import covariances_too_big
-from .statistics import Statistics, StatisticStores
+from .statistics import COVARIANCES, Statistics, StatisticStores
 from .store import TensorStore, scratch_folder
 from .streamed_model import StreamedModel, first_tensor
 
@@ -173,8 +173,8 @@ def stream_statistics(
             for index in range(num_layers):
                 finished = walk.forward_layer(index, covariances=not recompute)
                 if index == 0:
-                    in_memory = stores["covariances"].folder is None
-                    held = sum(c.nbytes for c in finished["covariances"].values()) if in_memory else 0
+                    in_memory = COVARIANCES not in stores or stores[COVARIANCES].folder is None
+                    held = sum(c.nbytes for c in finished.get(COVARIANCES, {}).values()) if in_memory else 0
                     recompute = covariances_too_big(walk.inputs.host_bytes(1), held, num_layers, reporter)
                     if recompute and collector.dist.active:  # reading them again would take every rank
                         raise TloraError(
@@ -228,7 +228,7 @@ class RecomputedCovariances(Mapping):
         if target < self.layer:
             self.layer = -1
         if self.layer < 0:
-            collector = Collector(self.center, covariances=True, gradients=False, dtype=self.dtype)
+            collector = Collector(self.center, frozenset({COVARIANCES}), self.dtype)
             inputs = LayerInputs(TensorStore(None, copy=True))
             self.walk = LayerWalk(self.streamed, self.targets, self.samples, collector, inputs, self.batch_size)
             self.walk.capture()

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import TloraError
-from ..model_io import Checkpoint
-from ..targets import Target, find_targets
+from ..model.checkpoint import Checkpoint
+from ..model.targets import Target, find_targets
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import EncodedSample
-from ..targets import Target
+from ..model.targets import Target
 from .batches import batch_loss, make_batches
 from .collector import Collector
 from .statistics import Statistics, StatisticStores

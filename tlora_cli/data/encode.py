@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import TloraError
+from .chat import IGNORE_INDEX, chat_ids
+from .messages import encode_messages
 from .samples import EncodedSample, Sample
-
-IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so every HF model) skips
 
 
 def check_seq_len(seq_len: int) -> None:
@@ -29,8 +29,6 @@ def encode_sample(
     """
     check_seq_len(seq_len)
     if sample.messages is not None:  # a conversation: always through the chat template
-        from .messages import encode_messages
-
         encoded = encode_messages(sample, tokenizer, seq_len, where)
     elif not sample.is_pair:
         if chat_template:
@@ -74,8 +72,8 @@ def _chat_pair(tokenizer: Any, sample: Sample, where: str) -> tuple[list[int], l
     if not getattr(tokenizer, "chat_template", None):
         raise TloraError("the tokenizer has no chat template; drop --chat-template, or use --template instead")
     user = [{"role": "user", "content": sample.prompt}]
-    prompt = _chat_ids(tokenizer, user, where, add_generation_prompt=True)
-    whole = _chat_ids(tokenizer, [*user, {"role": "assistant", "content": sample.response}], where)
+    prompt = chat_ids(tokenizer, user, where, add_generation_prompt=True)
+    whole = chat_ids(tokenizer, [*user, {"role": "assistant", "content": sample.response}], where)
     if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
         raise TloraError(
             f"{where}: the tokenizer's chat template does not render the conversation as the user turn plus an "
@@ -83,15 +81,6 @@ def _chat_pair(tokenizer: Any, sample: Sample, where: str) -> tuple[list[int], l
             "use --template instead"
         )
     return prompt, whole[len(prompt) :]
-
-
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], where: str, **kwargs: Any) -> list[int]:
-    from jinja2 import TemplateError
-
-    try:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs))
-    except TemplateError as e:
-        raise TloraError(f"{where}: the tokenizer's chat template failed ({e}); drop --chat-template") from None
 
 
 # Characters tokenized per token still needed, at first: a token rarely spans more than a few characters.

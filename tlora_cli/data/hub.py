@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TloraError
+from ..model.hub_probe import offline_when_unreachable
 
 # Above this many bytes to download (when the dataset card says), a split is streamed rather than prepared.
 STREAM_ABOVE_BYTES = 2**30
@@ -51,8 +52,6 @@ def open_split(path: str, configs: Sequence[str | None], split: str, streaming: 
     TloraError for every other problem.
     """
     import datasets
-
-    from ..hub_probe import offline_when_unreachable
 
     local = Path(path).exists()
     with contextlib.nullcontext(False) if local else offline_when_unreachable():

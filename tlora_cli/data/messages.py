@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import TloraError
+from .chat import IGNORE_INDEX, chat_ids
 from .samples import EncodedSample, Sample
 
 FIELD = "messages"
-IGNORE_INDEX = -100
 
 
 def is_conversation(record: Any) -> bool:
@@ -46,8 +46,6 @@ def messages_sample(record: Mapping, where: str) -> Sample | None:
 
 def encode_messages(sample: Sample, tokenizer: Any, seq_len: int, where: str) -> EncodedSample:
     """The chat template over the conversation up to its last assistant turn; labels on assistant turns only."""
-    from .encode import _chat_ids
-
     if not getattr(tokenizer, "chat_template", None):
         raise TloraError(
             f"{where} is a conversation ('messages'), but the tokenizer has no chat template; "
@@ -59,8 +57,8 @@ def encode_messages(sample: Sample, tokenizer: Any, seq_len: int, where: str) ->
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = _chat_ids(tokenizer, messages[:i], where, add_generation_prompt=True) if i else []
-        whole = _chat_ids(tokenizer, messages[: i + 1], where)
+        prompt = chat_ids(tokenizer, messages[:i], where, add_generation_prompt=True) if i else []
+        whole = chat_ids(tokenizer, messages[: i + 1], where)
         if prompt[: len(ids)] != ids or whole[: len(prompt)] != prompt or len(whole) == len(prompt):
             raise TloraError(
                 f"{where}: the tokenizer's chat template does not render the conversation turn by turn (each "

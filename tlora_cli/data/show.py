@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .encode import IGNORE_INDEX
+from rich.table import Table
+from rich.text import Text
+
+from ..options import Options, at_least, option
+from .calibration_set import load_calibration_set
+from .chat import IGNORE_INDEX
 from .registry import list_datasets
 from .samples import CalibrationSet, EncodedSample
 
-if TYPE_CHECKING:
-    from rich.table import Table
-    from rich.text import Text
-
 LOSS_STYLE = "bold green"
+
+
+@dataclass
+class ShowOptions(Options):
+    count: int = option(3, "How many samples to show.", "--num-samples", check=at_least(1))
+
+
 CONTEXT_STYLE = "dim"
 
 
@@ -51,8 +59,6 @@ def show_samples(
 
     `data` is what load_calibration_set takes (DataOptions, a name, a path, None).
     """
-    from . import load_calibration_set
-
     calibration = load_calibration_set(data, tokenizer, count, seq_len, seed)
     shown = [_decode(s, where, tokenizer) for s, where in zip(calibration.samples, calibration.wheres)]
     return calibration, shown
@@ -87,8 +93,6 @@ def _summary(calibration: CalibrationSet, shown: list[ShownSample]) -> str:
 
 def samples_text(calibration: CalibrationSet, shown: list[ShownSample]) -> Text:
     """For a terminal: the loss part in bold green, the context dimmed, a legend at the end."""
-    from rich.text import Text
-
     text = Text()
     text.append(_summary(calibration, shown) + "\n\n", style="bold")
     for sample in shown:
@@ -125,8 +129,6 @@ def samples_plain(calibration: CalibrationSet, shown: list[ShownSample]) -> str:
 
 def datasets_table() -> Table:
     """`tlora data list` for a terminal."""
-    from rich.table import Table
-
     rows = list_datasets()
     table = Table(*rows[0].keys(), title="Datasets --data knows by name")
     for row in rows:

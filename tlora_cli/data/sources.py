@@ -19,76 +19,13 @@ from .builtin import builtin_samples
 from .files import FORMATS_HELP, file_format, read_records
 from .hub import STREAM_BUFFER, NoDataFiles, NotCached, NotFound, Split, cached_snapshot, open_split
 from .messages import is_conversation, messages_sample
+from .options import DataOptions
 from .records import RecordFormat, detect_format, record_to_sample
 from .registry import REGISTRY, DatasetSpec
 from .samples import Sample
 
 # A hub dataset id, org/name: a bare name is taken for a misspelt registry name or a missing file.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """What `--data` and the flags beside it ask for.
-
-    `data`: None (the built-in set), a name from the registry, NAME=PATH (that set's format over a local copy:
-    a file, or a folder downloaded from the hub), a local file or dataset folder, or a hub dataset id.
-    `template` is a str.format string over a record's fields that makes the prompt. `streaming=None` leaves
-    the choice to the named set, or to the dataset's size.
-    """
-
-    data: str | None = None
-    config: str | None = None
-    split: str | None = None
-    text_field: str | None = None
-    prompt_field: str | None = None
-    response_field: str | None = None
-    template: str | None = None
-    chat_template: bool = False
-    streaming: bool | None = None
-
-    def check(self) -> None:
-        """Contradictory flags fail before anything is read."""
-        reading = {
-            "--data-config": self.config,
-            "--data-split": self.split,
-            "--text-field": self.text_field,
-            "--prompt-field": self.prompt_field,
-            "--response-field": self.response_field,
-            "--template": self.template,
-            "--streaming/--no-streaming": self.streaming,
-        }
-        if self.data is not None and not self.data.strip():
-            raise TloraError("--data is empty: give a file, a folder, a dataset name or a hub id (or drop --data)")
-        given = [flag for flag, value in reading.items() if value is not None]
-        if self.data is None and given:
-            raise TloraError(f"{', '.join(given)} say how to read --data; give --data too, or drop them")
-        if self.text_field is not None and (self.prompt_field or self.response_field or self.template):
-            raise TloraError("--text-field makes plain-text samples; drop --prompt-field/--response-field/--template")
-        if self.prompt_field is not None and self.template is not None:
-            raise TloraError("--template makes the prompt; drop --prompt-field and name the field in the template")
-
-    def record_format(self, default: RecordFormat | None) -> RecordFormat | None:
-        """The format the field flags ask for, the rest taken from `default` (a named set's format, its raw
-        fields under a chat template); None (no flags, no default) reads each record's shape from its fields."""
-        if self.text_field is not None:
-            return RecordFormat(text_field=self.text_field)
-        if self.chat_template and default is not None:
-            default = default.for_chat()
-        if self.prompt_field is None and self.template is None and self.response_field is None:
-            return default
-        fields: dict[str, Any] = {}
-        if default is not None and default.text_field is None:
-            fields = dataclasses.asdict(default)
-        if self.prompt_field is not None or self.template is not None:
-            fields |= {"prompt_field": self.prompt_field, "template": self.template, "input_template": None}
-        if self.response_field is not None:
-            fields |= {"response_field": self.response_field, "response_suffix": ""}
-        if fields.get("response_field") is None:
-            raise TloraError("--prompt-field and --template need --response-field, the part that carries the loss")
-        if fields.get("prompt_field") is None and fields.get("template") is None:
-            raise TloraError("--response-field needs the prompt too: add --prompt-field or --template")
-        return RecordFormat(**fields)
 
 
 @dataclass

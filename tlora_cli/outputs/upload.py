@@ -8,9 +8,42 @@ gives the `hf upload` command that finishes the job later.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TloraError
+from ..errors import TloraError
+from ..options import Options, option
+
+
+def _repo_id(value: str) -> str | None:
+    """Checked before any work: a typo, or `--push-to-hub -q`, would otherwise surface after a long run."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # only pushes need huggingface_hub
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return f"must be a hub repo id like org/name, got {value!r}"
+    return f"must be a hub repo id like org/name, got {value!r}" if value.startswith("-") else None
+
+
+@dataclass
+class PublishOptions(Options):
+    """Where OUT goes once written (--push-to-hub)."""
+
+    push_to_hub: str | None = option(
+        None,
+        "Then publish OUT to this hub model repo (created if needed) in one commit; token and endpoint as "
+        "huggingface_hub finds them.",
+        "--push-to-hub",
+        metavar="REPO_ID",
+        check=_repo_id,
+    )
+    private: bool = option(False, "With --push-to-hub: create the repo private.", "--private")
+    create_pr: bool = option(False, "With --push-to-hub: open a pull request instead.", "--create-pr")
+
+    def check_together(self) -> None:
+        if self.push_to_hub is None and (self.private or self.create_pr):
+            raise TloraError("--private and --create-pr go with --push-to-hub REPO_ID")
 
 
 def hf_upload_command(folder: Path, repo_id: str, private: bool = False, create_pr: bool = False) -> str:

@@ -13,8 +13,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .calib.statistics import KINDS, kinds_for
-from .errors import TloraError
+from ..errors import TloraError
+from .layout import FORMAT, MANIFEST
+from .statistics import COVARIANCES, KINDS
+
+# What "gradients": true meant in a calibration folder of tlora 0.1/0.2.
+LEGACY_GRADIENT_KINDS = ("mean_grads", "output_grad_sq")
 
 # What a module name can hold (dots between parts); anything else could make a path leave the folder.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -32,8 +36,8 @@ def check_manifest(manifest: object, path: Path) -> None:
     """The manifest's own structure: types, names that stay in the folder, positive shapes, finite scores."""
     if not isinstance(manifest, dict):
         raise _damaged(path, "it is not a JSON object")
-    if manifest.get("format") != "tlora-calibration/1":
-        raise TloraError(f"{path} has format {manifest.get('format')!r}, expected 'tlora-calibration/1': recalibrate")
+    if manifest.get("format") != FORMAT:
+        raise TloraError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}: recalibrate")
     for key, kind in (("model", dict), ("data", dict), ("settings", dict), ("modules", list)):
         if not isinstance(manifest.get(key), kind):
             raise _damaged(path, f'"{key}" is missing or not a {"list" if kind is list else "JSON object"}')
@@ -74,22 +78,31 @@ def check_manifest(manifest: object, path: Path) -> None:
             raise _damaged(path, f"modules {key} and {m['name']} share an input but not its width")
 
 
-def manifest_kinds(manifest: dict) -> tuple[str, ...]:
-    """The statistics a calibration folder holds: the covariances, and the gradient ones if it says so."""
-    return kinds_for(bool(manifest.get("gradients")))
+def manifest_kinds(manifest: dict, path: Path) -> frozenset[str]:
+    """The statistics a calibration folder holds: as it lists them, or for a folder of tlora 0.1/0.2 (which says
+    only whether it holds LoRA-DA's gradient statistics) the covariances and, if it says so, those."""
+    if "statistics" not in manifest:
+        return frozenset({COVARIANCES, *(LEGACY_GRADIENT_KINDS if manifest.get("gradients") else ())})
+    listed = manifest["statistics"]
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise _damaged(path, '"statistics" is not a list of names')
+    unknown = sorted(set(listed) - KINDS.keys())
+    if unknown:
+        raise _damaged(path, f"it lists statistic {unknown[0]!r}, which this tlora does not know")
+    return frozenset(listed)
 
 
 def check_files(folder: Path, manifest: dict) -> None:
     """Every tensor file the manifest needs: inside the folder, the right tensor, the right shape."""
     modules = manifest["modules"]
     root = folder.resolve()
-    for kind in manifest_kinds(manifest):
+    for kind in manifest_kinds(manifest, folder / MANIFEST):
         subfolder, field = KINDS[kind].folder, KINDS[kind].field
         wanted = {m["input"] if KINDS[kind].per_input else m["name"]: KINDS[kind].shape(*m["shape"]) for m in modules}
         for key, shape in wanted.items():
             path = folder / subfolder / f"{key}.safetensors"
             if not path.resolve().is_relative_to(root):
-                raise _damaged(folder / "calibration.json", f"{subfolder}/{key} leads outside the folder")
+                raise _damaged(folder / MANIFEST, f"{subfolder}/{key} leads outside the folder")
             if not path.is_file():
                 raise TloraError(f"calibration {folder} lacks {subfolder}/{key}: recalibrate")
             try:

@@ -9,35 +9,26 @@ is tlora-plan/1.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import TloraError
-from .model_card import CARD, PLOT, is_tlora_card
+from ..adapter.layout import ADAPTER_FILES, CARD, PLOT
+from ..calib.layout import FORMAT as CALIBRATION_FORMAT
+from ..calib.layout import MANIFEST as CALIBRATION_MANIFEST
+from ..calib.layout import SUBFOLDERS as CALIBRATION_SUBFOLDERS
+from ..errors import TloraError
+from ..jsonio import maybe_object
+from ..model.resolve import model_path
+from ..plan import FORMAT as PLAN_FORMAT
+from .card import is_tlora_card
 
-ADAPTER_FILES = ("tlora_metadata.json", "adapter_config.json", "adapter_model.safetensors")
-CALIBRATION_MANIFEST, CALIBRATION_FORMAT = "calibration.json", "tlora-calibration/1"
-CALIBRATION_SUBFOLDERS = ("covariances", "mean_gradients", "output_gradient_moments")
-PLAN_FORMAT = "tlora-plan/1"
 KINDS = {
     "adapter": "an adapter folder",
     "merged": "a merged checkpoint (tlora export --format merged)",
     "calibration": "a calibration folder",
     "plan": "a plan file",
 }
-_MAX_JSON = 64 << 20  # a manifest or plan larger than this is not one of ours
-
-
-def _json_object(path: Path) -> dict | None:
-    try:
-        if not path.is_file() or path.stat().st_size > _MAX_JSON:
-            return None
-        doc = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
 
 
 def written_by_tlora(path: Path, kind: str) -> bool:
@@ -49,10 +40,10 @@ def written_by_tlora(path: Path, kind: str) -> bool:
     if kind == "merged":
         return path.is_dir() and (path / "config.json").is_file() and is_tlora_card(path / CARD)
     if kind == "calibration":
-        doc = _json_object(path / CALIBRATION_MANIFEST) if path.is_dir() else None
+        doc = maybe_object(path / CALIBRATION_MANIFEST) if path.is_dir() else None
         return doc is not None and doc.get("format") == CALIBRATION_FORMAT
     if kind == "plan":
-        doc = _json_object(path)
+        doc = maybe_object(path)
         return doc is not None and doc.get("format") == PLAN_FORMAT
     raise ValueError(kind)
 
@@ -87,16 +78,6 @@ def data_path(data: str | None) -> Path | None:
         if candidate and Path(candidate).expanduser().exists():
             return Path(candidate).expanduser()
     return None
-
-
-def model_path(model: str | None) -> Path | None:
-    """The local model folder `--model` names; the built-in model's cache folder when none is given."""
-    if model is None:
-        from .builtin_model import BUILTIN_MODEL_NAME, cache_root
-
-        return cache_root() / BUILTIN_MODEL_NAME
-    path = Path(model).expanduser()
-    return path if path.exists() else None
 
 
 def check_output(out: Path, kind: str, overwrite: bool, inputs: Iterable[tuple[str, Path | None]] = ()) -> None:

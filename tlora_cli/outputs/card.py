@@ -1,4 +1,4 @@
-"""README.md model cards for adapter folders (init and export), and the hub id an adapter names as its base.
+"""README.md model cards for adapter folders (init and export) and merged checkpoints.
 
 The card follows the Hub's conventions (YAML front matter read by the Hub: base_model, base_model_relation,
 library_name, pipeline_tag, tags, datasets) and says in its body how the adapter was made, how to train it
@@ -8,50 +8,14 @@ with A frozen and how to serve it.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
 
-from .adapter import CONFIG, METADATA
-from .builtin_model import COMPLETE_MARKER
-
-CARD = "README.md"
-PLOT = "budget.png"
-BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# org/name, as the hub spells repo ids (no path that exists here, no ./ or ~/ or absolute path).
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
-
-
-def looks_like_hub_id(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and HUB_ID.fullmatch(name) is not None
-        and ".." not in name
-        and not Path(name).expanduser().exists()
-    )
-
-
-def base_hub_id(name: str | None, path: Path | None) -> str | None:
-    """The hub id of a base model: the built-in model's own; the id it was asked for by; for a local folder
-    the id its config.json names (`_name_or_path`) when that looks like one; else None."""
-    if path is not None and (path / COMPLETE_MARKER).is_file():  # the built-in SmolLM2, converted from GGUF
-        return BUILTIN_HUB_ID
-    if name is not None and looks_like_hub_id(name):
-        return name
-    if path is not None:
-        try:
-            config = json.loads((path / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if looks_like_hub_id(config.get("_name_or_path")):
-            return config["_name_or_path"]
-    return None
-
-
-def base_model_name(name: str, path: Path) -> str:
-    """`base_model_name_or_path` for adapter_config.json: the hub id when there is one, else the local folder."""
-    return base_hub_id(name, path) or name
+from ..adapter.layout import CARD, CONFIG, METADATA, PLOT
+from ..jsonio import maybe_object
+from ..model.resolve import looks_like_hub_id
+from ..report.picture import try_write_plot
 
 
 def command_line() -> str | None:
@@ -96,14 +60,6 @@ def is_tlora_card(path: Path) -> bool:
     except OSError:
         return False
     return front.startswith("---\n") and f"\n- {_yaml('tlora')}\n" in front + "\n"
-
-
-def _read(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _datasets(meta: dict) -> list[str]:
@@ -153,28 +109,24 @@ def _made(meta: dict, command: str | None) -> list[str]:
     return [f"| {k} | {v} |" for k, v in rows]
 
 
-def adapter_card(folder: Path, command: str | None = None, plot: bool = False, name: str | None = None) -> str:
-    """The card for an adapter folder, from its adapter_config.json and tlora_metadata.json."""
-    config, meta = _read(folder / CONFIG), _read(folder / METADATA)
+def adapter_card(
+    folder: Path,
+    command: str | None = None,
+    plot: bool = False,
+    name: str | None = None,
+    serving: str = "",
+    export_note: str | None = None,
+) -> str:
+    """The card for an adapter folder, from its adapter_config.json and tlora_metadata.json. `serving`: how to
+    export it for servers (an adapter from init); `export_note`: what an export's format did (an export)."""
+    config, meta = maybe_object(folder / CONFIG) or {}, maybe_object(folder / METADATA) or {}
     base_name = config.get("base_model_name_or_path")
     base = base_name if looks_like_hub_id(base_name) else None
-    export = meta.get("export") or {}
-    fmt = export.get("format")
-    tags = [f"export:{fmt}"] if fmt else []
-    text = front_matter(base, "adapter", "peft", _datasets(meta), tags)
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{base_name or 'its base model'}`"
-    text += f"\n# {name or folder.name}\n\n"
-    text += f"A LoRA adapter (PEFT) for {base_text}"
-    if meta.get("tool") == "tlora" or meta.get("method"):
-        text += (
-            ", initialised by [tlora](https://pypi.org/project/tlora-cli/): task-aware LoRA (TLoRA), whose A "
-            "matrices and per-module ranks come from the model's activations on a few task samples."
-        )
-        text += "\n" if fmt else " B starts at zero, so before training the adapter leaves the model unchanged.\n"
-    else:
-        text += ".\n"
+    fmt = (meta.get("export") or {}).get("format")
+    text = front_matter(base, "adapter", "peft", _datasets(meta), [f"export:{fmt}"] if fmt else [])
+    text += f"\n# {name or folder.name}\n\n" + _introduction(base, base_name, meta, exported=bool(fmt))
     if fmt:
-        text += f"\nThis is the `{fmt}` export (`tlora export --format {fmt}`): {_export_note(fmt, config)}\n"
+        text += f"\nThis is the `{fmt}` export (`tlora export --format {fmt}`): {export_note}\n"
         if command:
             text += f"\nExported with `{command}`.\n"
     made = _made(meta, command if not fmt else None)
@@ -182,55 +134,45 @@ def adapter_card(folder: Path, command: str | None = None, plot: bool = False, n
         text += "\n## How it was made\n\n| | |\n|---|---|\n" + "\n".join(made) + "\n"
     if plot:
         text += f"\n## Where the budget went\n\n![rank and scaling per layer and module type]({PLOT})\n"
-    base_arg = base or base_name or "BASE_MODEL"
-    if not fmt:
-        frozen = not meta.get("train_a", False)
-        text += (
-            "\n## Training it\n\n"
-            + (
-                "TLoRA trains B only: A stays as initialised. `load_for_training` loads the adapter with A "
-                "frozen (as buffers, so no optimizer or weight decay touches them):\n"
-                if frozen
-                else "This adapter's recipe trains A with B; `load_for_training` follows it:\n"
-            )
-            + "\n```python\nfrom transformers import AutoModelForCausalLM\nfrom tlora_cli.training import "
-            "load_for_training\n\n"
-            f"base = AutoModelForCausalLM.from_pretrained({base_arg!r})\n"
-            'model = load_for_training(base, "path/to/this/adapter")  # a PeftModel, ready for any trainer\n```\n'
-        )
     if fmt:
         return text
-    text += (
+    text += _training(base or base_name or "BASE_MODEL", not meta.get("train_a", False))
+    return text + (
         "\n## Serving it\n\n"
         "PEFT loads it as it is (and so does training). Inference servers apply one scaling to every module, "
-        "so export it first, after training:\n\n"
-        "```bash\n"
-        "tlora export ADAPTER -o ADAPTER-vllm --format vllm      # vLLM: scalings folded into B, ranks kept\n"
-        "tlora export ADAPTER -o ADAPTER-padded --format padded  # SGLang, TGI, LoRAX: one rank, no patterns\n"
-        "tlora export ADAPTER -o MERGED --format merged          # servers without LoRA: W + s B A\n"
-        "```\n"
+        f"so export it first, after training:\n\n```bash\n{serving}```\n"
     )
-    return text
 
 
-def _export_note(fmt: str, config: dict) -> str:
-    r = config.get("r")
-    if fmt == "vllm":
-        return (
-            f"each module's scaling alpha_i / r_i is folded into B and `lora_alpha = r = {r}`, so vLLM's single "
-            "scaling is exact; per-module ranks are kept. Serve it with `vllm serve BASE --enable-lora "
-            f"--max-lora-rank {_vllm_rank(r)} --lora-modules NAME=PATH`."
-        )
+def _introduction(base: str | None, base_name: str | None, meta: dict, exported: bool) -> str:
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{base_name or 'its base model'}`"
+    text = f"A LoRA adapter (PEFT) for {base_text}"
+    if meta.get("tool") != "tlora" and not meta.get("method"):
+        return text + ".\n"
+    text += (
+        ", initialised by [tlora](https://pypi.org/project/tlora-cli/): task-aware LoRA (TLoRA), whose A "
+        "matrices and per-module ranks come from the model's activations on a few task samples."
+    )
+    return text + (
+        "\n" if exported else " B starts at zero, so before training the adapter leaves the model unchanged.\n"
+    )
+
+
+def _training(base: str, frozen: bool) -> str:
+    how = (
+        "TLoRA trains B only: A stays as initialised. `load_for_training` loads the adapter with A "
+        "frozen (as buffers, so no optimizer or weight decay touches them):\n"
+        if frozen
+        else "This adapter's recipe trains A with B; `load_for_training` follows it:\n"
+    )
     return (
-        f"each module's scaling is folded into B and every A and B is zero-padded to rank {r}, with no rank or "
-        "alpha patterns: SGLang, TGI and LoRAX load it as a plain LoRA adapter."
+        "\n## Training it\n\n"
+        + how
+        + "\n```python\nfrom transformers import AutoModelForCausalLM\nfrom tlora_cli.training import "
+        "load_for_training\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+        'model = load_for_training(base, "path/to/this/adapter")  # a PeftModel, ready for any trainer\n```\n'
     )
-
-
-def _vllm_rank(r: object) -> object:
-    from .export import vllm_max_lora_rank
-
-    return vllm_max_lora_rank(int(r)) if isinstance(r, int) else r
 
 
 def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
@@ -248,10 +190,14 @@ def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str
     return text
 
 
-def write_card(folder: Path, command: str | None = None, name: str | None = None) -> None:
+def write_card(
+    folder: Path,
+    command: str | None = None,
+    name: str | None = None,
+    serving: str = "",
+    export_note: str | None = None,
+) -> None:
     """README.md (and budget.png when matplotlib is installed) in an adapter folder being written; `name` is
     the folder's final name (it is written under a temporary one)."""
-    from .budget_plot import try_write_plot
-
     plot = try_write_plot(folder, folder / PLOT, name)
-    (folder / CARD).write_text(adapter_card(folder, command, plot, name))
+    (folder / CARD).write_text(adapter_card(folder, command, plot, name, serving, export_note))

@@ -6,7 +6,7 @@ A module the allocation left at rank 0 shows as a dot; one that was never a targ
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -16,9 +16,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .adapter import METADATA
-from .errors import TloraError
-from .report import print_method, totals_table
+from ..errors import TloraError
+from .summary import print_method, summarise, totals_table
 
 LAYER = re.compile(r"^(?P<before>.*?)\.(?P<layer>\d+)\.(?P<after>.+)$")
 # viridis at 8 stops: dark (small) to yellow (large); readable on dark and light terminals alike.
@@ -52,15 +51,7 @@ def _place(name: str) -> tuple[str, str]:
 
 
 def budget_grid(summary: dict) -> Grid:
-    cells: dict[tuple[str, str], dict | None] = {}
-    meta_path = Path(summary["adapter"]) / METADATA
-    if meta_path.is_file():
-        try:
-            for m in json.loads(meta_path.read_text()).get("modules", []):
-                if not m.get("rank") and isinstance(m.get("name"), str):
-                    cells[_place(m["name"])] = None
-        except (OSError, json.JSONDecodeError, AttributeError):
-            pass
+    cells: dict[tuple[str, str], dict | None] = {_place(name): None for name in summary.get("left_out", [])}
     for m in summary["modules"]:
         cells[_place(m["name"])] = m
     layers = sorted({k[0] for k in cells}, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
@@ -163,9 +154,20 @@ def print_picture(summary: dict, console: Console) -> None:
 
 
 def has_matplotlib() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def _matrix(grid: Grid, key: str) -> list[list[float]]:
+    """Layers x types of one value: NaN where no module is, 0 for a rank-0 module."""
+    nan = float("nan")
+    rows = []
+    for layer in grid.layers:
+        row = []
+        for kind in grid.types:
+            cell = grid.cells.get((layer, kind), "absent")
+            row.append(nan if cell == "absent" else 0.0 if cell is None else float(cell[key]))
+        rows.append(row)
+    return rows
 
 
 def write_plot(summary: dict, out: Path, name: str | None = None) -> None:
@@ -180,18 +182,6 @@ def write_plot(summary: dict, out: Path, name: str | None = None) -> None:
 
     grid = budget_grid(summary)
     labels = type_labels(grid.types)
-
-    def matrix(key: str) -> list[list[float]]:
-        nan = float("nan")
-        rows = []
-        for layer in grid.layers:
-            row = []
-            for kind in grid.types:
-                cell = grid.cells.get((layer, kind), "absent")
-                row.append(nan if cell == "absent" else 0.0 if cell is None else float(cell[key]))
-            rows.append(row)
-        return rows
-
     height = max(3.0, 0.22 * len(grid.layers) + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.3 * len(labels), height), constrained_layout=True)
     scalings = [s for s in grid.values("scaling") if s > 0]
@@ -200,7 +190,7 @@ def write_plot(summary: dict, out: Path, name: str | None = None) -> None:
         ("scaling", "scaling alpha_i / r_i", LogNorm(min(scalings), max(scalings)) if scalings else None),
     )
     for ax, (key, title, norm) in zip(axes, panels):
-        values = matrix(key)
+        values = _matrix(grid, key)
         if key == "scaling":  # rank-0 modules have no scaling: leave them blank
             values = [[v if v > 0 else float("nan") for v in row] for row in values]
         image = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
@@ -229,7 +219,5 @@ def try_write_plot(folder: Path, out: Path, name: str | None = None) -> bool:
     """The PNG for a model card, when matplotlib is installed; False (and nothing written) otherwise."""
     if not has_matplotlib():
         return False
-    from .report import summarise
-
     write_plot(summarise(folder), out, name)
     return True

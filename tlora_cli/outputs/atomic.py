@@ -9,14 +9,25 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TloraError
+from ..errors import TloraError
+from ..options import REQUIRED, Options, option
+from ..signals import signals_deferred, terminate_as_interrupt
 from .ownership import check_output
+
+
+@dataclass
+class OutputOptions(Options):
+    """Where a command writes, and whether it may replace what is there (only tlora's own outputs)."""
+
+    out: Path = option(REQUIRED, "Where to write.", "--out", "-o")
+    overwrite: bool = option(False, "Replace OUT if it exists (only an output tlora wrote).", "--overwrite")
+
 
 # Outputs put in place by this process: an interrupt after that must not say "nothing was written".
 COMMITTED: list[Path] = []
@@ -37,48 +48,11 @@ def check_target(out: Path, overwrite: bool, kind: str = "adapter", inputs: tupl
         raise TloraError(f"cannot write {out}: folder {parent} is not writable")
 
 
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a CI timeout, `kill`) into KeyboardInterrupt so cleanup runs."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _absolute(out: Path) -> Path:
     """OUT with `..` and `.` resolved textually (not through links), so its name and folder are real."""
     return Path(os.path.abspath(out.expanduser()))
 
 
-@contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """SIGINT/SIGTERM wait until the block is done, then raise KeyboardInterrupt as usual."""
-    received: list[int] = []
-    try:
-        previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _SIGNALS}
-    except ValueError:  # not the main thread: signals are not ours to handle
-        yield
-        return
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        raise KeyboardInterrupt
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _RENAME_EXCHANGE = 2
 
 
@@ -103,7 +77,7 @@ def _remove(path: Path) -> None:
 
 def _replace(tmp: Path, out: Path) -> None:
     """Put `tmp` in OUT's place; an old OUT is removed only once the new one is there."""
-    with _signals_deferred():
+    with signals_deferred():
         if out.exists() or out.is_symlink():
             if _exchange(tmp, out):
                 COMMITTED.append(out)
@@ -149,7 +123,7 @@ def atomic_dir(out: Path, overwrite: bool, kind: str = "adapter", inputs: tuple 
     except OSError as e:
         raise TloraError(f"cannot write {out}: {e.strerror}") from e
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             yield tmp
             _follow_umask(tmp)
             _replace(tmp, out)
@@ -172,10 +146,10 @@ def atomic_file(out: Path, overwrite: bool, kind: str = "plan", inputs: tuple = 
     os.close(fd)
     tmp = Path(name)
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             yield tmp
             _follow_umask(tmp)
-            with _signals_deferred():
+            with signals_deferred():
                 tmp.replace(out)
                 COMMITTED.append(out)
     finally:

@@ -9,15 +9,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from . import __version__
-from .allocation import ModuleAllocation
-from .calib.folder import Calibration
-from .methods import InitOptions
-from .options import RELEASED_NUM_SAMPLES
-
-
-def covariance_kind(center: bool) -> str:
-    return "covariance centred per sample" if center else "uncentred second moment"
+from .. import __version__
+from ..allocation import ModuleAllocation
+from ..calib.folder import Calibration
+from ..calib.statistics import COVARIANCES
+from ..methods import InitSettings, covariance_kind
+from ..recipe import RELEASED_NUM_SAMPLES
 
 
 def package_versions() -> dict[str, str]:
@@ -32,19 +29,19 @@ def metadata(
     calibration: Calibration,
     allocations: list[ModuleAllocation],
     allocation: dict,
-    init: InitOptions,
+    init: InitSettings,
     adapter_dtype: torch.dtype,
     timings: dict,
 ) -> dict:
     """Everything the tool knows about the run (SPEC.md)."""
-    reads_covariance = init.spec.covariances
+    reads_covariance = COVARIANCES in init.method.statistics
     return {
         "tool": "tlora",
-        "method": init.method,
+        "method": init.method.name,
         "train_a": init.trains_a,
         **init.recorded(),
-        "recipe": init.recipe,
-        **({"released_recipe": released_departures(calibration, allocations)} if init.recipe == "released" else {}),
+        "recipe": init.recipe.recipe,
+        **({"released_recipe": released_departures(calibration, allocations)} if init.recipe.released else {}),
         "covariance": covariance_kind(calibration.settings.get("center", False)) if reads_covariance else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": calibration.model,

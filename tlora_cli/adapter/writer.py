@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from .allocation import ModuleAllocation
-from .errors import TloraError
-
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-METADATA = "tlora_metadata.json"
+from ..allocation import ModuleAllocation, check_allocations_finite
+from ..errors import TloraError
+from ..jsonio import dump
+from .layout import CONFIG, METADATA, WEIGHTS
+from .peft import tensor_key
 
 
 def adapter_config(allocations: list[ModuleAllocation], base_model: str) -> dict:
@@ -49,26 +47,9 @@ def adapter_tensors(
     for a in allocations:
         if not a.rank:
             continue
-        prefix = f"base_model.model.{a.name}"
-        tensors[f"{prefix}.lora_A.weight"] = a_matrices[a.name].to("cpu", dtype).contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = torch.zeros(a.out_features, a.rank, dtype=dtype)
+        tensors[tensor_key(a.name, "A")] = a_matrices[a.name].to("cpu", dtype).contiguous()
+        tensors[tensor_key(a.name, "B")] = torch.zeros(a.out_features, a.rank, dtype=dtype)
     return tensors
-
-
-def check_allocations_finite(allocations: list[ModuleAllocation], where: str = "the allocation") -> None:
-    """Every score, share, alpha and scaling a finite number, or one line naming the module and the flag."""
-    for a in allocations:
-        for field, value in (("score", a.score), ("share", a.share)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value)):
-                raise TloraError(
-                    f"{where} gives {a.name} the {field} {value!r}, which is not a finite number: "
-                    "recalibrate (or fix the plan's scores)"
-                )
-        if a.rank and not (math.isfinite(a.alpha) and math.isfinite(a.scaling) and a.alpha > 0):
-            raise TloraError(
-                f"{where} gives {a.name} alpha {a.alpha!r} (scaling {a.scaling!r}), which is not a finite positive "
-                "number: lower --alpha (or the plan's alpha)"
-            )
 
 
 def check_finite(
@@ -84,7 +65,7 @@ def check_finite(
                 f"the A matrix of {a.name} holds NaN or inf values: change --damping, --lora-da-beta or "
                 "--lora-da-population (lora-da), or recalibrate"
             )
-        if not bool(torch.isfinite(tensors[f"base_model.model.{a.name}.lora_A.weight"]).all()):
+        if not bool(torch.isfinite(tensors[tensor_key(a.name, "A")]).all()):
             raise TloraError(f"the A matrix of {a.name} overflows the adapter's dtype: pass --dtype float32")
 
 
@@ -105,7 +86,7 @@ def write_adapter(
 
 def write_metadata(folder: Path, metadata: dict) -> None:
     try:
-        text = json.dumps(metadata, indent=2, allow_nan=False)
+        text = dump(metadata)
     except ValueError as e:  # a NaN or inf that no gate before caught: refuse rather than write invalid JSON
         raise TloraError(f"the adapter's metadata holds a number that is not finite ({e}): recalibrate") from e
-    (folder / METADATA).write_text(text + "\n")
+    (folder / METADATA).write_text(text)

@@ -2,53 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from safetensors import SafetensorError, safe_open
 
-from .adapter import CONFIG, METADATA, WEIGHTS
-from .errors import TloraError
+from ..adapter.layout import CONFIG, METADATA
+from ..adapter.peft import PeftAdapter, read_adapter
+from ..errors import TloraError
+from ..options import Options, option
 
-KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<part>[AB])\.weight$")
 LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _natural(name: str) -> list:
-    """Model order for names PEFT wrote in alphabetical order: layers.10 after layers.9."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
-    if not isinstance(doc, dict):
-        raise TloraError(
-            f"{path} holds a {type(doc).__name__}, not a JSON object: rewrite the adapter with `tlora init`"
-        )
-    return doc
-
-
-def _shapes(path: Path) -> dict[str, dict[str, list[int]]]:
-    """Per module, the A and B shapes, from the safetensors header alone (no tensor is read)."""
-    try:
-        with safe_open(path, "pt") as f:
-            shapes: dict[str, dict[str, list[int]]] = defaultdict(dict)
-            for key in f.keys():  # noqa: SIM118
-                m = KEY.match(key)
-                if not m:
-                    raise TloraError(f"{path} holds {key}, which is not a LoRA A/B weight of a PEFT adapter")
-                shapes[m["name"]][m["part"]] = list(f.get_slice(key).get_shape())
-    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors raises its own error types on bad files
-        raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
-    return shapes
+@dataclass
+class InspectOptions(Options):
+    as_json: bool = option(False, "Print JSON instead of tables.", "--json")
+    modules: bool = option(False, "Every module's rank, alpha, scaling and parameters, as a table.", "--modules")
+    plot: Path | None = option(None, "Also draw rank and scaling per layer and type into this PNG (matplotlib).")
 
 
 def summarise(folder: Path) -> dict:
@@ -64,13 +38,9 @@ def summarise(folder: Path) -> dict:
 
 
 def _summarise(folder: Path) -> dict:
-    if not folder.is_dir():
-        raise TloraError(f"{folder} is not a folder: pass an adapter directory written by `tlora init`")
-    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise TloraError(f"{folder} is not a PEFT adapter: it needs {CONFIG} and {WEIGHTS}")
-    config = _read_json(folder / CONFIG)
-    meta = _read_json(folder / METADATA) if (folder / METADATA).is_file() else None
-    modules = _modules(folder, config)
+    adapter = read_adapter(folder, tensors=False)
+    meta = adapter.metadata or None
+    modules = _modules(adapter)
     # Uniform LoRA at the same r over every target, adapted or not (rank-0 modules are only in the metadata).
     r_init = (meta or {}).get("allocation", {}).get("budget_rank") or round(
         sum(m["rank"] for m in modules) / len(modules)
@@ -82,12 +52,13 @@ def _summarise(folder: Path) -> dict:
     by_layer, by_type = _budget_groups(modules, total_rank)
     return {
         "adapter": str(folder),
-        "base_model": config.get("base_model_name_or_path"),
+        "base_model": adapter.config.get("base_model_name_or_path"),
         "method": meta.get("method") if meta else None,
         "recipe": meta.get("recipe", "default") if meta else None,
         "covariance": meta.get("covariance") if meta else None,
         "train_a": meta.get("train_a") if meta else None,
         "modules": modules,
+        "left_out": [m["name"] for m in (meta or {}).get("modules", []) if not m.get("rank")],
         "targets": len(all_shapes),
         "totals": {
             "rank": total_rank,
@@ -102,32 +73,20 @@ def _summarise(folder: Path) -> dict:
     }
 
 
-def _modules(folder: Path, config: dict) -> list[dict]:
+def _modules(adapter: PeftAdapter) -> list[dict]:
     """Each adapted module's rank, alpha, scaling and parameters, in the config's target order."""
-    rslora = bool(config.get("use_rslora"))
-    shapes = _shapes(folder / WEIGHTS)
-    order = config.get("target_modules") if isinstance(config.get("target_modules"), list) else []
-    position = {name: i for i, name in enumerate(order)}
-    modules = []
-    for name in sorted(shapes, key=lambda n: (position.get(n, len(order)), _natural(n))):
-        parts = shapes[name]
-        if set(parts) != {"A", "B"}:
-            raise TloraError(f"{folder / WEIGHTS}: {name} lacks lora_{'B' if 'A' in parts else 'A'}")
-        rank, in_features = parts["A"]
-        out_features = parts["B"][0]
-        alpha = float(config.get("alpha_pattern", {}).get(name, config.get("lora_alpha", 8)))
-        modules.append(
-            {
-                "name": name,
-                "rank": rank,
-                "alpha": alpha,
-                "scaling": alpha / (math.sqrt(rank) if rslora else rank),
-                "params_b": out_features * rank,
-                "params_ab": (out_features + in_features) * rank,
-                "shape": [out_features, in_features],
-            }
-        )
-    return modules
+    return [
+        {
+            "name": m.name,
+            "rank": m.rank,
+            "alpha": m.alpha,
+            "scaling": m.scaling,
+            "params_b": m.out_features * m.rank,
+            "params_ab": (m.out_features + m.in_features) * m.rank,
+            "shape": [m.out_features, m.in_features],
+        }
+        for m in adapter.modules
+    ]
 
 
 def _budget_groups(modules: list[dict], total_rank: int) -> tuple[dict[str, dict], dict[str, dict]]:

@@ -1,0 +1,82 @@
+"""What every export format shares: the job it is given, what it reports, and the LoRA adapter a server reads.
+
+Servers apply one scaling to every module: vLLM reads `r`, `lora_alpha` and `use_rslora` only and ignores
+`alpha_pattern`; SGLang refuses patterns that change a module's rank or alpha; LoRAX and TGI stack every
+module of a type and need one rank per type. So the adapter formats fold the module's own scaling
+s_i = alpha_i / r_i into B (in float32, then the adapter's dtype) and write a config whose single scaling is 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..adapter.layout import CONFIG, METADATA, WEIGHTS
+from ..adapter.peft import PeftAdapter
+from ..jsonio import dump
+from ..model.resolve import ModelOptions
+from ..outputs.card import write_card
+
+
+@dataclass
+class ExportJob:
+    """One export: the adapter read (with its tensors), the temp folder to fill, the final OUT, the flags."""
+
+    adapter: PeftAdapter
+    folder: Path
+    out: Path
+    rank: int | None
+    model: ModelOptions
+    command: str | None = None
+    on_shard: Callable[[str], None] | None = None
+
+
+@dataclass
+class Written:
+    """What an export wrote, for the one-line summary and the hints printed after it."""
+
+    modules: int
+    rank: int
+    hints: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One `--format`. `reads`: the export flags it takes beyond --format (the others are refused with it);
+    `serve`: its line in an adapter card's "Serving it" block; `kind`: what ownership calls its output."""
+
+    name: str
+    help: str
+    serve: str
+    write: Callable[[ExportJob], Written]
+    kind: str = "adapter"
+    reads: frozenset[str] = frozenset()
+
+
+def base_config(config: dict) -> dict:
+    """The original config with the scaling fields every adapter format rewrites."""
+    out = dict(config)
+    out["use_rslora"] = False
+    out["inference_mode"] = True
+    return out
+
+
+def copy_metadata(adapter: PeftAdapter, folder: Path, export: dict) -> None:
+    """tlora's metadata (when the adapter has it) with how this export was made."""
+    (folder / METADATA).write_text(dump({**adapter.metadata, "export": export}))
+
+
+def write_lora(job: ExportJob, fmt: str, config: dict, tensors: dict[str, torch.Tensor], note: str) -> None:
+    """An adapter export's files: weights, config, metadata and a card that says what `fmt` did (`note`)."""
+    save_file(tensors, job.folder / WEIGHTS, metadata={"format": "pt"})
+    (job.folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    copy_metadata(
+        job.adapter, job.folder, {"format": fmt, "from": str(job.adapter.folder.resolve()), "rank": config["r"]}
+    )
+    write_card(job.folder, job.command, name=job.out.name, export_note=note)

@@ -1,0 +1,8 @@
+"""TLoRA (SPEC.md, "Factorisation"): A = the top-r right singular vectors of W C."""
+
+from __future__ import annotations
+
+from ..factorisation import tlora_a
+from .base import Method
+
+METHOD = Method("tlora", "SVD of W C", lambda m: tlora_a(m.weight(), m.covariance(), m.rank))

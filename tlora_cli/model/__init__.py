@@ -1,0 +1,1 @@
+"""The base model: where it is (a folder, a hub id, the built-in one), its checkpoint read lazily, its targets."""
