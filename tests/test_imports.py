@@ -166,7 +166,8 @@ LAYERS = (
     ("tlora_cli.model",),
     ("tlora_cli.data",),
     ("tlora_cli.calib",),
-    ("tlora_cli.allocation", "tlora_cli.factorisation", "tlora_cli.plan"),
+    ("tlora_cli.allocation", "tlora_cli.factorisation", "tlora_cli.directions", "tlora_cli.plan"),
+    ("tlora_cli.train",),
     ("tlora_cli.methods",),
     ("tlora_cli.adapter",),
     ("tlora_cli.report",),
@@ -174,6 +175,7 @@ LAYERS = (
     ("tlora_cli.exports",),
     ("tlora_cli.training",),
     ("tlora_cli.pipeline",),
+    ("tlora_cli.trial",),
     ("tlora_cli.flags", "tlora_cli.cli", "tlora_cli.__main__"),
 )
 

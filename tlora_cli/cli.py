@@ -39,6 +39,9 @@ from .progress import ProgressOptions, Reporter
 from .recipe import RecipeOptions
 from .report.picture import print_picture, write_plot
 from .report.summary import InspectOptions, print_summary, summarise
+from .trial.options import TrialOptions
+from .trial.report import table as trial_table
+from .trial.run import run_trial
 
 app = typer.Typer(
     help="Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter.",
@@ -64,7 +67,7 @@ def _root(
     ] = False,
 ) -> None:
     """Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter."""
-    if ctx.invoked_subcommand not in (None, "calibrate", "init"):
+    if ctx.invoked_subcommand not in (None, "calibrate", "init", "trial"):
         refuse_ranks(ctx.invoked_subcommand)
 
 
@@ -174,6 +177,50 @@ def init_command(
         reporter=reporter,
     )
     _publish(publish, output.out, reporter)
+
+
+@app.command("trial")
+@with_options(
+    output=_out("Trial folder to write: trial.json, loss_curves.png and best/ (the winning start)."),
+    model=ModelOptions,
+    data=DataOptions,
+    calibration=Pick(CalibrationOptions, only=("num_samples", "seq_len", "target_modules", "device", "dtype", "seed")),
+    allocation=Pick(AllocationOptions, only=("budget_rank", "alpha")),
+    trial=TrialOptions,
+    method_options=OPTION_CLASSES,
+    progress=ProgressOptions,
+)
+def trial_command(
+    output: OutputOptions,
+    model: ModelOptions,
+    data: DataOptions,
+    calibration: CalibrationOptions,
+    allocation: AllocationOptions,
+    trial: TrialOptions,
+    method_options: dict[type, Options],
+    progress: ProgressOptions,
+) -> None:
+    """Which start and which learning rate win on your data: short fine-tunes scored on a held-out split."""
+    reporter = Reporter(progress.quiet)
+    result = run_trial(
+        output=output,
+        model=model,
+        data=data,
+        calibration=calibration,
+        allocation=allocation,
+        trial=trial,
+        method_options=method_options,
+        reporter=reporter,
+    )
+    if trial.as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        Console(width=max(Console().width, 100)).print(trial_table(result))
+    winner = result["winner"]
+    reporter.info(
+        f"wrote {output.out}: {winner['method']} at lr {winner['lr']:g} wins (held-out loss "
+        f"{winner['heldout_loss']:.4f}); its start is {output.out}/best"
+    )
 
 
 @data_app.command("list")

@@ -29,11 +29,16 @@ class Flag:
     check: Check | None = None
     metavar: str | None = None
     fallback: Any = None  # what a None default stands for (`Options.value`): None tells "not given" apart
+    recorded: bool = True  # whether the metadata records it (not an output path)
 
-    def display(self, field: str) -> str:
-        """The long name a message uses: --seq-len (for --center/--no-center, --center)."""
-        long = next((n for n in self.names if n.startswith("--")), None)
-        return long.split("/")[0] if long else "--" + field.replace("_", "-")
+    def display(self, field: str, value: Any = None) -> str:
+        """The long name a message uses: --seq-len; for an on/off flag, the one that sets `value` (--no-center for
+        False), --center when no value is given."""
+        long = next((n for n in self.names if n.startswith("--")), None) or "--" + field.replace("_", "-")
+        on, _, off = long.partition("/")
+        if value is False:
+            return off or (on if self.names else f"--no-{on.removeprefix('--')}")
+        return on
 
 
 REQUIRED = dataclasses.MISSING  # an option's default when the flag must be given
@@ -46,10 +51,11 @@ def option(
     check: Check | None = None,
     metavar: str | None = None,
     fallback: Any = None,
+    recorded: bool = True,
 ) -> Any:
     """A dataclass field that is also a command-line flag. With `fallback`, the default is None (so a flag given
     is told apart from one left alone) and `Options.value` reads the fallback in its place."""
-    flag = Flag(help, names, check, metavar, fallback)
+    flag = Flag(help, names, check, metavar, fallback, recorded)
     if default is REQUIRED:
         return dataclasses.field(metadata={FLAG: flag})
     return dataclasses.field(default=default, metadata={FLAG: flag})
@@ -97,12 +103,16 @@ class Options:
         return value
 
     def values(self) -> dict[str, Any]:
-        """Every flag's value, fallbacks applied: what the metadata records."""
-        return {f.name: self.value(f.name) for f in flag_fields(type(self))}
+        """Every recorded flag's value, fallbacks applied: what the metadata records."""
+        return {f.name: self.value(f.name) for f in flag_fields(type(self)) if flag_of(f).recorded}
 
     def given(self) -> list[str]:
         """The flags set to something other than their default (None-default flags: set at all)."""
-        return [flag_of(f).display(f.name) for f in flag_fields(type(self)) if getattr(self, f.name) != f.default]
+        return [
+            flag_of(f).display(f.name, getattr(self, f.name))
+            for f in flag_fields(type(self))
+            if getattr(self, f.name) != f.default
+        ]
 
 
 # Checks shared by many options. Each returns what is wrong ("must be ...") or None.

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapter.metadata import metadata
+from .adapter.sidecar import residual_record
 from .adapter.writer import write_adapter, write_metadata
 from .allocation import ModuleAllocation
 from .calib.calibrate import WeightOf, calibrate, weights_from_checkpoint
@@ -23,6 +24,7 @@ from .distributed import Dist, launched
 from .errors import TloraError
 from .exports import serving_block
 from .methods import InitSettings, MethodOptions
+from .methods.base import ModuleInit, Preparation, Prepared
 from .methods.factorise import factorise
 from .model.checkpoint import checkpoint_dtype
 from .model.loading import pick_device, pick_dtype
@@ -142,7 +144,9 @@ def run_init(
         raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
     init = InitSettings.of(method, method_options or {}, calibration.seed, recipe)
     check_all(model, data, calibration, allocation, recipe)
-    _check_init_inputs(calibration, allocation, recipe, plan)
+    _check_init_inputs(calibration, allocation, recipe, init, reuse)
+    if init.method.prepare:
+        allocation = dataclasses.replace(allocation, uniform=True)  # the phase trains r_init everywhere
     explicit = calibration.center is not None
     calibration = dataclasses.replace(
         calibration,
@@ -150,22 +154,53 @@ def run_init(
         center=calibration.center if explicit else init.method.center,
         statistics=init.method.statistics,
     )
+    side = init.method.side_adapter(init.options) if init.method.side_adapter else None
     inputs = run_inputs(model.model, data.data, calibration_dir, plan, calibration.offload_dir)
     with (
         launched(pick_device(calibration.device)) as dist,
         _output(dist, output, "adapter", inputs) as tmp,
+        _output(
+            dist, OutputOptions(side, output.overwrite), "adapter", (*inputs, ("-o", output.out)), bool(side)
+        ) as side_tmp,
         scratch_folder(calibration.offload_dir, "tlora-statistics-") as stats_dir,
     ):
         calibration = dataclasses.replace(calibration, device=dist.device)
         if calibration_dir:
             source, result, weight_of = _finish_from(calibration_dir, model, init, calibration.centred, explicit)
+            prepared = None
         else:
             source = ModelSource.open(model.model, model.revision)
-            result, weight_of = calibrate(source, data, calibration, reporter, stats_dir, dist, spread=True)
+            prepared, result, weight_of = _measure(
+                source, data, calibration, allocation, init, reporter, dist, stats_dir
+            )
         allocations, settings = _allocations(plan, allocation, recipe, result)
         write = Write(tmp, source, output.out.name, calibration.dtype, calibration.device)
-        initialise(write, result, allocations, settings, weight_of, init, reporter, dist)
+        initialise(write, result, allocations, settings, weight_of, init, reporter, dist, prepared)
+        if side_tmp is not None:
+            side_write = dataclasses.replace(write, folder=side_tmp, name=side.name)
+            write_side_adapter(side_write, result, allocations, settings, init, prepared, reporter)
     reporter.info(f"wrote {output.out}; see it with `tlora inspect {output.out}`")
+
+
+def _measure(
+    source: ModelSource,
+    data: DataOptions,
+    calibration: CalibrationOptions,
+    allocation: AllocationOptions,
+    init: InitSettings,
+    reporter: Reporter,
+    dist: Dist,
+    stats_dir: Path | None,
+) -> tuple[Prepared | None, Calibration, WeightOf]:
+    """The method's own phase before the factorisation (a pre-launch), or calibration."""
+    if init.method.prepare is None:
+        result, weight_of = calibrate(source, data, calibration, reporter, stats_dir, dist, spread=True)
+        return None, result, weight_of
+    preparation = Preparation(
+        source, data, calibration, allocation.rank, allocation.alpha_value, init.options, reporter, dist
+    )
+    prepared = init.method.prepare(preparation)
+    return prepared, prepared.calibration, prepared.weight_of
 
 
 def _allocations(
@@ -185,10 +220,26 @@ def check_all(*options: Options) -> None:
 
 
 def _check_init_inputs(
-    calibration: CalibrationOptions, allocation: AllocationOptions, recipe: RecipeOptions, plan: Path | None
+    calibration: CalibrationOptions,
+    allocation: AllocationOptions,
+    recipe: RecipeOptions,
+    init: InitSettings,
+    reuse: ReuseOptions,
 ) -> None:
-    """What `init` refuses before any work: flags that contradict the recipe or a plan."""
+    """What `init` refuses before any work: flags that contradict the recipe, a plan or the method."""
     recipe.check_center(calibration.center)
+    plan = reuse.plan
+    if init.method.prepare:
+        given = [
+            flag
+            for flag in (*reuse.given(), *allocation.given())
+            if flag not in ("--budget-rank", "--alpha", "--uniform")
+        ]
+        if given:
+            raise TloraError(
+                f"--method {init.method.name} trains a LoRA of rank --budget-rank on every target first, and takes its "
+                f"directions from it: it reads no calibration, plan or rank allocation; drop {given[0]}"
+            )
     if plan:
         allocation.check_with_plan()
         check_plan_recipe(plan, recipe)
@@ -234,6 +285,7 @@ def initialise(
     init: InitSettings,
     reporter: Reporter,
     dist: Dist | None = None,
+    prepared: Prepared | None = None,
 ) -> None:
     """Factorise and write the adapter (the caller makes its folder appear atomically). Under torchrun every rank
     factorises its share, rank 0 writes."""
@@ -243,15 +295,11 @@ def initialise(
         reporter.warn(warning)
     device = pick_device(write.device)
     with reporter.phase("factorisation", f"Building A ({init.method.name})", len(allocations)) as step:
-        a_matrices = factorise(allocations, calibration.stats, weight_of, device, init, step, dist)
+        state = prepared.state if prepared else None
+        inits = factorise(allocations, calibration.stats, weight_of, device, init, step, dist, state)
     if write.folder is None:
         return  # a rank other than 0: its A matrices went to rank 0
-    dtype = write.adapter_dtype()
-    with reporter.phase("writing", "Writing the adapter"):
-        base = base_model_name(write.source.name, write.source.path)
-        write_adapter(write.folder, allocations, a_matrices, dtype, base)
-    write_metadata(write.folder, metadata(calibration, allocations, settings, init, dtype, dict(reporter.timings)))
-    write_card(write.folder, command_line(), name=write.name, serving=serving_block())
+    write_output(write, calibration, allocations, settings, init, inits, reporter)
     ranks = [a.rank for a in allocations if a.rank]
     trainable = sum(a.trainable_ab if init.trains_a else a.trainable_b for a in allocations)
     state = "trained" if init.trains_a else "frozen"
@@ -261,8 +309,51 @@ def initialise(
     )
 
 
-def _output(dist: Dist, output: OutputOptions, kind: str, inputs: tuple) -> contextlib.AbstractContextManager:
-    """OUT's temp folder on rank 0, which alone writes (atomic_dir); None on the other ranks."""
-    if not dist.is_main:
+def write_output(
+    write: Write,
+    calibration: Calibration,
+    allocations: list[ModuleAllocation],
+    settings: dict,
+    init: InitSettings,
+    inits: dict[str, ModuleInit],
+    reporter: Reporter,
+    extra: dict | None = None,
+) -> None:
+    """The adapter folder: weights, config, sidecar, metadata (with `extra`'s fields) and card."""
+    dtype = write.adapter_dtype()
+    with reporter.phase("writing", "Writing the adapter"):
+        base = base_model_name(write.source.name, write.source.path)
+        write_adapter(write.folder, allocations, inits, dtype, base, init.method.residual)
+    meta = metadata(calibration, allocations, settings, init, dtype, dict(reporter.timings))
+    if init.method.residual:
+        meta["residual"] = residual_record(write.folder)
+    write_metadata(write.folder, {**meta, **(extra or {})})
+    write_card(write.folder, command_line(), name=write.name, serving=serving_block())
+
+
+def write_side_adapter(
+    write: Write,
+    calibration: Calibration,
+    allocations: list[ModuleAllocation],
+    settings: dict,
+    init: InitSettings,
+    prepared: Prepared,
+    reporter: Reporter,
+) -> None:
+    """The method's second adapter (the pre-launch LoRA of --save-prelaunch): a plain PEFT adapter on the base."""
+    dtype = write.adapter_dtype()
+    base = base_model_name(write.source.name, write.source.path)
+    write_adapter(write.folder, allocations, prepared.side_inits, dtype, base)
+    meta = metadata(calibration, allocations, settings, init, dtype, dict(reporter.timings))
+    meta.update(method=f"{init.method.name} pre-launch", train_a=True)
+    write_metadata(write.folder, meta)
+    write_card(write.folder, command_line(), name=write.name, serving=serving_block())
+
+
+def _output(
+    dist: Dist, output: OutputOptions, kind: str, inputs: tuple, wanted: bool = True
+) -> contextlib.AbstractContextManager:
+    """OUT's temp folder on rank 0, which alone writes (atomic_dir); None on the other ranks, or when not wanted."""
+    if not dist.is_main or not wanted:
         return contextlib.nullcontext()
     return atomic_dir(output.out, output.overwrite, kind, inputs)

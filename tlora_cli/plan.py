@@ -59,6 +59,10 @@ class AllocationOptions(Options):
         return DEFAULT_BUDGET_RANK if self.budget_rank is None else self.budget_rank
 
     @property
+    def alpha_value(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
     def least_rank(self) -> int:
         return self.min_rank or 0
 
@@ -72,7 +76,7 @@ class AllocationOptions(Options):
 
     def settings(self, num_modules: int, recipe: RecipeOptions) -> dict:
         """What the plan and the metadata record: the options as applied, and the totals they give."""
-        alpha = float(self.rank if self.alpha is None else self.alpha)
+        alpha = self.alpha_value
         return {
             "budget_rank": self.rank,
             "alpha": alpha,

@@ -35,7 +35,8 @@ class Reporter:
 
     @contextmanager
     def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-        """A timed phase with a bar; the yielded callable advances it by one (or by its argument)."""
+        """A timed phase with a bar; the yielded callable advances it by one (or by its argument), and with
+        `description` also says what the bar is at (a running loss)."""
         start = time.perf_counter()
         with Progress(
             TextColumn("{task.description}"),
@@ -46,7 +47,9 @@ class Reporter:
             disable=self.console.quiet,
         ) as bar:
             task = bar.add_task(description, total=total)
-            yield lambda count=1: bar.advance(task, count)
+            yield lambda count=1, description=None: bar.update(
+                task, advance=count, **({"description": description} if description else {})
+            )
             if total is None:
                 bar.update(task, total=1, completed=1)
         self.record(name, time.perf_counter() - start)

@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 from ..allocation import ModuleAllocation, check_allocations_finite
 from ..errors import TloraError
 from ..jsonio import dump
+from ..methods.base import ModuleInit
 from .layout import CONFIG, METADATA, WEIGHTS
 from .peft import tensor_key
+from .sidecar import RESIDUAL_A, RESIDUAL_B, RESIDUAL_SCALING, write_sidecar
 
 
 def adapter_config(allocations: list[ModuleAllocation], base_model: str) -> dict:
@@ -41,47 +43,61 @@ def adapter_config(allocations: list[ModuleAllocation], base_model: str) -> dict
 
 
 def adapter_tensors(
-    allocations: list[ModuleAllocation], a_matrices: dict[str, torch.Tensor], dtype: torch.dtype
+    allocations: list[ModuleAllocation], inits: dict[str, ModuleInit], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     tensors = {}
     for a in allocations:
         if not a.rank:
             continue
-        tensors[tensor_key(a.name, "A")] = a_matrices[a.name].to("cpu", dtype).contiguous()
-        tensors[tensor_key(a.name, "B")] = torch.zeros(a.out_features, a.rank, dtype=dtype)
+        start = inits[a.name]
+        b = torch.zeros(a.out_features, a.rank) if start.b is None else start.b
+        tensors[tensor_key(a.name, "A")] = start.a.to("cpu", dtype).contiguous()
+        tensors[tensor_key(a.name, "B")] = b.to("cpu", dtype).contiguous()
     return tensors
 
 
 def check_finite(
-    allocations: list[ModuleAllocation], a_matrices: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+    allocations: list[ModuleAllocation], inits: dict[str, ModuleInit], tensors: dict[str, torch.Tensor]
 ) -> None:
     """The gate before anything is written: a NaN or inf anywhere makes PEFT output NaN."""
     check_allocations_finite(allocations)
     for a in allocations:
         if not a.rank:
             continue
-        if not bool(torch.isfinite(a_matrices[a.name]).all()):
-            raise TloraError(
-                f"the A matrix of {a.name} holds NaN or inf values: change --damping, --lora-da-beta or "
-                "--lora-da-population (lora-da), or recalibrate"
-            )
-        if not bool(torch.isfinite(tensors[tensor_key(a.name, "A")]).all()):
-            raise TloraError(f"the A matrix of {a.name} overflows the adapter's dtype: pass --dtype float32")
+        start = inits[a.name]
+        for part, value in (("A", start.a), ("B", start.b)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise TloraError(
+                    f"the {part} matrix of {a.name} holds NaN or inf values: change --damping, --lora-da-beta or "
+                    "--lora-da-population (lora-da), lower --prelaunch-lr, or recalibrate"
+                )
+            if not bool(torch.isfinite(tensors[tensor_key(a.name, part)]).all()):
+                raise TloraError(f"the {part} matrix of {a.name} overflows the adapter's dtype: pass --dtype float32")
 
 
 def write_adapter(
     folder: Path,
     allocations: list[ModuleAllocation],
-    a_matrices: dict[str, torch.Tensor],
+    inits: dict[str, ModuleInit],
     dtype: torch.dtype,
     base_model: str,
+    residual: bool = False,
 ) -> None:
-    """Deterministic bytes: same inputs, same files (sorted keys, no timestamps in the adapter)."""
-    tensors = adapter_tensors(allocations, a_matrices, dtype)
-    check_finite(allocations, a_matrices, tensors)
+    """Deterministic bytes: same inputs, same files (sorted keys, no timestamps in the adapter). A `residual`
+    adapter's sidecar keeps the factors as written (A0, B0 in the adapter's dtype) and s: W_res = W - s B0 A0."""
+    tensors = adapter_tensors(allocations, inits, dtype)
+    check_finite(allocations, inits, tensors)
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     config = adapter_config(allocations, base_model)
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    entries = {a.name: dict(inits[a.name].sidecar) for a in allocations if a.rank}
+    if residual:
+        for a in allocations:
+            if a.rank:
+                entries[a.name][RESIDUAL_A] = tensors[tensor_key(a.name, "A")]
+                entries[a.name][RESIDUAL_B] = tensors[tensor_key(a.name, "B")]
+                entries[a.name][RESIDUAL_SCALING] = torch.tensor(a.scaling, dtype=torch.float64)
+    write_sidecar(folder, {name: fields for name, fields in entries.items() if fields})
 
 
 def write_metadata(folder: Path, metadata: dict) -> None:

@@ -31,12 +31,13 @@ WeightOf = Callable[[str], torch.Tensor]
 
 def calibrate(
     source: ModelSource,
-    data: DataOptions | str | None,
+    data: DataOptions | str | CalibrationSet | None,
     options: CalibrationOptions,
     reporter: Reporter,
     stats_dir: Path | None = None,
     dist: Dist | None = None,
     spread: bool = False,
+    loaded: torch.nn.Module | None = None,
 ) -> tuple[Calibration, WeightOf]:
     """Statistics per SPEC.md, on the whole model or streamed layer by layer (engine "auto": whichever fits).
 
@@ -44,20 +45,25 @@ def calibrate(
     directory being written, or scratch space in --offload-dir), else they stay in host memory.
     Under torchrun (`dist`) each rank runs its share of the samples; the sums of all go to rank 0, or with
     `spread` each input's to the rank that will factorise it (`stats.owners`); every rank gets the scores.
-    Returns how to read each target's weight, for the factorisation that follows.
+    Returns how to read each target's weight, for the factorisation that follows. `data` may be samples already
+    read (a CalibrationSet); `loaded`, the whole model already in memory, which the whole engine then runs.
     """
     dist = dist or Dist()
     options.check()
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, source.path, device)
-    calib_set = read_data(source, data, options, reporter)
+    calib_set = data if isinstance(data, CalibrationSet) else read_data(source, data, options, reporter)
     collector = Collector(options.centred, options.statistics, dtype, dist, spread)
     n = len(calib_set.samples)
     samples = [calib_set.samples[i] for i in dist.share(n)]  # all of them without torchrun
-    choice = choose_engine(source, options, len(samples), device, dtype, reporter, dist)
+    if loaded is None:
+        choice = choose_engine(source, options, len(samples), device, dtype, reporter, dist)
+    else:
+        choice = Choice("whole", options.batch_size or 1, "the whole model is loaded already")
     suffixes = parse_suffixes(options.target_modules, read_config(source.path).get("model_type", ""))
     with statistic_stores(stats_dir, options.statistics) as stores:
-        stats, weight_of = _run(source, choice, suffixes, samples, collector, stores, options, reporter, dtype, device)
+        run = (source, choice, suffixes, samples, collector, stores, options, reporter, dtype, device, loaded)
+        stats, weight_of = _run(*run)
     owners = collector.owners if spread and dist.active else None
     tokens = sum(len(s.input_ids) for s in calib_set.samples)
     stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens, owners=owners)  # all ranks' counts
@@ -88,11 +94,14 @@ def _run(
     reporter: Reporter,
     dtype: torch.dtype,
     device: str,
+    loaded: torch.nn.Module | None = None,
 ) -> tuple[Statistics, WeightOf]:
     """The chosen engine over this rank's samples."""
     if choice.engine == "whole":
-        with reporter.phase("load", "Loading the whole model"):
-            model = load_model(source.path, dtype, device)
+        model = loaded
+        if model is None:
+            with reporter.phase("load", "Loading the whole model"):
+                model = load_model(source.path, dtype, device)
         targets = find_targets(model, suffixes)
         with reporter.phase("forward_backward", "Calibrating (forward + backward)", len(samples)) as step:
             stats = whole_statistics(model, targets, samples, collector, stores, choice.batch_size, step)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..options import Options, at_least, one_of, option
-from . import merged, padded, vllm
+from . import lora, merged, padded, residual_base, vllm
 from .base import ExportFormat
 
-FORMATS: Mapping[str, ExportFormat] = {f.name: f for f in (vllm.FORMAT, padded.FORMAT, merged.FORMAT)}
+FORMATS: Mapping[str, ExportFormat] = {
+    f.name: f for f in (vllm.FORMAT, padded.FORMAT, merged.FORMAT, lora.FORMAT, residual_base.FORMAT)
+}
 
 
 def formats_help() -> str:
@@ -26,3 +29,8 @@ def serving_block() -> str:
 class ExportOptions(Options):
     format: str = option("vllm", formats_help(), "--format", check=one_of(FORMATS))
     rank: int | None = option(None, "padded: the rank to pad to. Default: the adapter's largest.", check=at_least(1))
+    initial: Path | None = option(
+        None,
+        "lora: the adapter `tlora init` wrote, that ADAPTER was trained from (its residual and directions). "
+        "Default: ADAPTER's own sidecar, when its trainer kept it.",
+    )

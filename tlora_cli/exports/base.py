@@ -25,13 +25,15 @@ from ..outputs.card import write_card
 
 @dataclass
 class ExportJob:
-    """One export: the adapter read (with its tensors), the temp folder to fill, the final OUT, the flags."""
+    """One export: the adapter read (with its tensors), the temp folder to fill, the final OUT, the flags (`rank`
+    for padded, `initial` for lora, `model` for the formats that read the base)."""
 
     adapter: PeftAdapter
     folder: Path
     out: Path
-    rank: int | None
     model: ModelOptions
+    rank: int | None = None
+    initial: Path | None = None
     command: str | None = None
     on_shard: Callable[[str], None] | None = None
 
@@ -49,7 +51,8 @@ class Written:
 @dataclass(frozen=True)
 class ExportFormat:
     """One `--format`. `reads`: the export flags it takes beyond --format (the others are refused with it);
-    `serve`: its line in an adapter card's "Serving it" block; `kind`: what ownership calls its output."""
+    `serve`: its line in an adapter card's "Serving it" block; `kind`: what ownership calls its output;
+    `residual`: whether it takes a residual adapter (LoRA-Init's, whose base is not the model) at all."""
 
     name: str
     help: str
@@ -57,6 +60,7 @@ class ExportFormat:
     write: Callable[[ExportJob], Written]
     kind: str = "adapter"
     reads: frozenset[str] = frozenset()
+    residual: bool = False
 
 
 def base_config(config: dict) -> dict:
@@ -67,16 +71,22 @@ def base_config(config: dict) -> dict:
     return out
 
 
-def copy_metadata(adapter: PeftAdapter, folder: Path, export: dict) -> None:
-    """tlora's metadata (when the adapter has it) with how this export was made."""
-    (folder / METADATA).write_text(dump({**adapter.metadata, "export": export}))
-
-
-def write_lora(job: ExportJob, fmt: str, config: dict, tensors: dict[str, torch.Tensor], note: str) -> None:
-    """An adapter export's files: weights, config, metadata and a card that says what `fmt` did (`note`)."""
+def write_lora(
+    job: ExportJob,
+    fmt: str,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    note: str,
+    drop: tuple[str, ...] = (),
+    initial: Path | None = None,
+) -> None:
+    """An adapter export's files: weights, config, tlora's metadata (when the adapter has it; without the `drop`
+    fields, which no longer hold) with how the export was made, and a card that says what `fmt` did (`note`)."""
     save_file(tensors, job.folder / WEIGHTS, metadata={"format": "pt"})
     (job.folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    copy_metadata(
-        job.adapter, job.folder, {"format": fmt, "from": str(job.adapter.folder.resolve()), "rank": config["r"]}
-    )
+    export = {"format": fmt, "from": str(job.adapter.folder.resolve()), "rank": config["r"]}
+    if initial is not None:
+        export["initial"] = str(initial.resolve())
+    meta = {k: v for k, v in job.adapter.metadata.items() if k not in drop}
+    (job.folder / METADATA).write_text(dump({**meta, "export": export}))
     write_card(job.folder, job.command, name=job.out.name, export_note=note)

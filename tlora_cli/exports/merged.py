@@ -1,31 +1,25 @@
-"""`--format merged`: W + s_i B_i A_i for every adapted module, written shard by shard under the base's own shard
-names and index (one shard in memory at a time), with the base's config, tokenizer and small files beside them."""
+"""`--format merged`: W + s_i B_i A_i for every adapted module, a full checkpoint of the base (checkpoint.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-
-from safetensors.torch import save_file
 
 from ..adapter.layout import CARD, CONFIG
 from ..adapter.peft import LoraModule, PeftAdapter
 from ..errors import TloraError
 from ..model.builtin import BUILTIN_HUB_ID, builtin_model_path
-from ..model.checkpoint import Checkpoint, open_shard
+from ..model.checkpoint import Checkpoint
 from ..model.resolve import ModelOptions, base_hub_id, resolve_model
 from ..outputs.card import merged_card
 from .base import ExportFormat, ExportJob, Written
-
-# Files of a model folder that are weights in another format, or not ours to copy into a merged checkpoint.
-SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
-SKIP_NAMES = {"README.md", ".gitattributes", "tlora-conversion.json"}
+from .checkpoint import Change, write_checkpoint
 
 
 def write(job: ExportJob) -> Written:
     base, hub_id = merged_base(job.adapter, job.model)
     modules = job.adapter.modules
-    write_merged(modules, base, job.folder, job.on_shard)
+    changes = {f"{m.name}.weight": ([m.out_features, m.in_features], _merge(m)) for m in modules}
+    write_checkpoint(base, job.folder, changes, job.on_shard)
     meta = job.adapter.metadata
     (job.folder / CARD).write_text(merged_card(job.out, hub_id, meta, str(job.adapter.folder)))
     warnings = []
@@ -37,50 +31,9 @@ def write(job: ExportJob) -> Written:
     )
 
 
-def write_merged(modules: list[LoraModule], base: Path, folder: Path, on_shard=None) -> None:
-    """W + s_i B_i A_i for every adapted module, one base shard in memory at a time, under the base's names,
-    index and dtype; the base's config, tokenizer and other small files copied beside them."""
-    checkpoint = Checkpoint(base)
-    by_weight = {f"{m.name}.weight": m for m in modules}
-    _check_base(checkpoint, by_weight, base)
-    by_file: dict[Path, list[str]] = {}
-    for name, file in checkpoint.files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        if on_shard:
-            on_shard(file.name)
-        tensors = {}
-        with open_shard(file) as f:
-            for name in names:
-                tensor = f.get_tensor(name)
-                m = by_weight.get(name)
-                if m is not None:
-                    tensor = (tensor.float() + m.delta()).to(tensor.dtype)
-                tensors[name] = tensor.contiguous()
-            shard_metadata = f.metadata() or {"format": "pt"}
-        save_file(tensors, folder / file.name, metadata=shard_metadata)
-        del tensors
-    for item in sorted(base.iterdir()):
-        if item.is_file() and not item.name.endswith((".safetensors", *SKIP_SUFFIXES)) and item.name not in SKIP_NAMES:
-            shutil.copyfile(item, folder / item.name)  # follows the hub cache's symlinks
-
-
-def _check_base(checkpoint: Checkpoint, by_weight: dict[str, LoraModule], base: Path) -> None:
-    """Every adapted module is a tensor of the base, of the shape B A has."""
-    missing = [k for k in by_weight if k not in checkpoint.files]
-    if missing:
-        raise TloraError(
-            f"the base model {base} has no tensor {missing[0]}: is it the model this adapter was made for? "
-            "(pass the right one with --model)"
-        )
-    for key, m in by_weight.items():
-        with open_shard(checkpoint.files[key]) as f:
-            shape = list(f.get_slice(key).get_shape())
-        if shape != [m.out_features, m.in_features]:
-            raise TloraError(
-                f"the base model's {key} is {shape}, but the adapter's B A is {[m.out_features, m.in_features]}: "
-                "is it the model this adapter was made for?"
-            )
+def _merge(m: LoraModule) -> Change:
+    """W + s B A, computed in float32, in W's dtype."""
+    return lambda weight: (weight.float() + m.delta()).to(weight.dtype)
 
 
 def merged_base(adapter: PeftAdapter, model: ModelOptions) -> tuple[Path, str | None]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..adapter.peft import read_adapter, read_config
+from ..adapter.peft import PeftAdapter, read_adapter, read_config
+from ..adapter.sidecar import RESIDUAL_A, read_sidecar
+from ..directions import DASH_U
 from ..errors import TloraError
 from ..model.resolve import ModelOptions
 from ..outputs.atomic import atomic_dir
@@ -13,8 +15,7 @@ from ..outputs.ownership import run_inputs
 from . import FORMATS, ExportOptions
 from .base import ExportJob, Written
 
-# Which format reads each export flag: any other format refuses it.
-FLAG_READERS = {"rank": "--rank", "model": "--model", "revision": "--revision"}
+FLAGS = {"rank": "--rank", "initial": "--initial", "model": "--model", "revision": "--revision"}
 
 
 def export(
@@ -31,8 +32,8 @@ def export(
     options.check()
     model.check()
     fmt = FORMATS[options.format]
-    given = {"rank": options.rank, "model": model.model, "revision": model.revision}
-    for field, flag in FLAG_READERS.items():
+    given = {"rank": options.rank, "initial": options.initial, "model": model.model, "revision": model.revision}
+    for field, flag in FLAGS.items():
         if given[field] is not None and field not in fmt.reads:
             readers = [f.name for f in FORMATS.values() if field in f.reads]
             raise TloraError(f"{flag} goes with --format {' or '.join(readers)}, not with --format {fmt.name}")
@@ -40,9 +41,30 @@ def export(
         raise TloraError(f"-o {out} is the adapter itself: write the export to another folder")
     refuse_unexportable(read_config(adapter_dir), adapter_dir)
     adapter = read_adapter(adapter_dir)  # before a base model is resolved or downloaded
-    inputs = (("ADAPTER", adapter_dir), *run_inputs(model.model, builtin_model="model" in fmt.reads))
+    kind = unconverted(adapter)
+    if kind and not fmt.residual:
+        raise TloraError(
+            f"{adapter_dir} is {kind}, which a --format {fmt.name} export would get wrong; convert it first: "
+            f"`tlora export {adapter_dir} --format lora -o PLAIN`, then export PLAIN"
+        )
+    inputs = (
+        ("ADAPTER", adapter_dir),
+        ("--initial", options.initial),
+        *run_inputs(model.model, builtin_model="model" in fmt.reads),
+    )
     with atomic_dir(out, overwrite, fmt.kind, inputs) as tmp:
-        return fmt.write(ExportJob(adapter, tmp, out, options.rank, model, command, on_shard))
+        job = ExportJob(adapter, tmp, out, model, options.rank, options.initial, command, on_shard)
+        return fmt.write(job)
+
+
+def unconverted(adapter: PeftAdapter) -> str | None:
+    """What an adapter holds beyond a plain LoRA on its base, in words; None for a plain LoRA."""
+    sidecar = read_sidecar(adapter.folder)
+    if adapter.metadata.get("residual") or any(RESIDUAL_A in e for e in sidecar.values()):
+        return "a residual adapter: its base is W_res = W - s B0 A0, not the model"
+    if any(DASH_U in e for e in sidecar.values()):
+        return "a LoRA-Dash adapter: its Dash term lives in its sidecar, which servers do not read"
+    return None
 
 
 def refuse_unexportable(config: dict, folder: Path) -> None:

@@ -12,11 +12,21 @@ from ..calib.statistics import COVARIANCES, KINDS
 from ..errors import TloraError
 from ..options import Options, one_of, option
 from ..recipe import RecipeOptions
-from . import lora_da, random_init, theory, tlora, w_svd
+from . import lora_da, lora_dash, lora_init, lora_tsd, random_init, theory, tlora, w_svd
 from .base import Method
 
 METHODS: Mapping[str, Method] = {
-    m.name: m for m in (tlora.METHOD, w_svd.METHOD, random_init.METHOD, theory.METHOD, lora_da.METHOD)
+    m.name: m
+    for m in (
+        tlora.METHOD,
+        w_svd.METHOD,
+        random_init.METHOD,
+        theory.METHOD,
+        lora_da.METHOD,
+        lora_init.METHOD,
+        lora_dash.METHOD,
+        lora_tsd.METHOD,
+    )
 }
 # Every option class some method reads, each once, in the table's order: the flags `tlora init` shows.
 OPTION_CLASSES: tuple[type[Options], ...] = tuple(dict.fromkeys(c for m in METHODS.values() for c in m.options))

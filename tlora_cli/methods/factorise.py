@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -10,7 +11,7 @@ from ..allocation import ModuleAllocation
 from ..calib.statistics import Statistics
 from ..distributed import Dist
 from . import InitSettings
-from .base import Covariances, ModuleInputs
+from .base import Covariances, ModuleInit, ModuleInputs
 
 
 def factorise(
@@ -21,8 +22,10 @@ def factorise(
     init: InitSettings,
     on_module: Callable[[], None] | None = None,
     dist: Dist | None = None,
-) -> dict[str, torch.Tensor]:
-    """A_i for every module with r_i > 0, by the method's entry in METHODS; each covariance is read once.
+    state: dict[str, Any] | None = None,
+) -> dict[str, ModuleInit]:
+    """Every module's start (r_i > 0) by the method's entry in METHODS; each covariance is read once. `state`: what
+    the method's prepare phase left, per module.
 
     Under torchrun each rank builds those of the inputs it owns (where calibration left their statistics,
     else input_owners) and rank 0 gets them all; the other ranks get nothing back.
@@ -31,13 +34,29 @@ def factorise(
     owners = stats.owners or input_owners(allocations, stats.input_of, dist)
     covariances = Covariances(stats, device)
     options = {c: init.options[c] for c in init.method.options}
-    result: dict[str, torch.Tensor] = {}
+    state = state or {}
+    result: dict[str, ModuleInit] = {}
     for a in allocations:
         if a.rank and owners[stats.input_of[a.name]] == dist.rank:
             inputs = ModuleInputs(
-                a.name, a.rank, a.in_features, device, options, init.seed, stats, weight_of, covariances
+                a.name,
+                a.rank,
+                a.alpha,
+                a.in_features,
+                device,
+                options,
+                init.seed,
+                stats,
+                weight_of,
+                covariances,
+                state.get(a.name),
             )
-            result[a.name] = init.method.build_a(inputs).cpu()
+            start = init.method.build(inputs)
+            result[a.name] = ModuleInit(
+                start.a.cpu(),
+                None if start.b is None else start.b.cpu(),
+                {k: v.cpu() for k, v in start.sidecar.items()},
+            )
         if on_module:
             on_module()
     gathered = dist.gather_to_main(result)

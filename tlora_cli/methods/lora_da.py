@@ -10,7 +10,7 @@ from ..calib.statistics import COVARIANCES
 from ..errors import TloraError
 from ..factorisation import lora_da_a
 from ..options import Options, at_least, finite_non_negative, option
-from .base import DampingOptions, Method, ModuleInputs
+from .base import DampingOptions, Method, ModuleInputs, a_only
 
 GRADIENT_STATISTICS = ("mean_grads", "output_grad_sq")
 
@@ -44,8 +44,9 @@ def build_a(m: ModuleInputs) -> torch.Tensor:
 METHOD = Method(
     "lora-da",
     "LoRA-DA's Fisher-aware subspace, docs/lora-da.md",
-    build_a,
+    a_only(build_a),
     statistics=frozenset({COVARIANCES, *GRADIENT_STATISTICS}),
     center=False,  # LoRA-DA's K-FAC factor E[x x^T] is the uncentred second moment
     options=(DampingOptions, LoraDaOptions),
+    lr=4e-3,
 )

@@ -7,7 +7,7 @@ import zlib
 import torch
 
 from ..factorisation import random_a
-from .base import Method, ModuleInputs
+from .base import Method, ModuleInputs, a_only
 
 
 def build_a(m: ModuleInputs) -> torch.Tensor:
@@ -15,4 +15,4 @@ def build_a(m: ModuleInputs) -> torch.Tensor:
     return random_a(m.in_features, m.rank, torch.Generator().manual_seed(seed))
 
 
-METHOD = Method("random", "standard LoRA", build_a, statistics=frozenset(), trains_a=True)
+METHOD = Method("random", "standard LoRA", a_only(build_a), statistics=frozenset(), trains_a=True, lr=1e-3)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..factorisation import w_svd_a
-from .base import Method
+from .base import Method, a_only
 
-METHOD = Method("w-svd", "SVD of W alone", lambda m: w_svd_a(m.weight(), m.rank), statistics=frozenset())
+METHOD = Method(
+    "w-svd", "SVD of W alone", a_only(lambda m: w_svd_a(m.weight(), m.rank)), statistics=frozenset(), lr=2e-3
+)

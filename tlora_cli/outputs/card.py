@@ -103,6 +103,10 @@ def _made(meta: dict, command: str | None) -> list[str]:
         rows.append(("covariance", "centred" if calibration["center"] else "uncentred"))
     if "train_a" in meta:
         rows.append(("A in training", "trained" if meta["train_a"] else "frozen"))
+    trial = meta.get("trial") or {}
+    if trial.get("lr"):
+        rows.append(("learning rate (tlora trial)", f"{trial['lr']:g}: held-out loss {trial['heldout_loss']:.4f}, "
+                     "the best of the trial's methods and rates"))  # fmt: skip
     version = (meta.get("versions") or {}).get("tlora")
     if version:
         rows.append(("tlora", version))
@@ -124,7 +128,12 @@ def adapter_card(
     base = base_name if looks_like_hub_id(base_name) else None
     fmt = (meta.get("export") or {}).get("format")
     text = front_matter(base, "adapter", "peft", _datasets(meta), [f"export:{fmt}"] if fmt else [])
-    text += f"\n# {name or folder.name}\n\n" + _introduction(base, base_name, meta, exported=bool(fmt))
+    text += f"\n# {name or folder.name}\n\n"
+    if meta.get("residual") and not fmt:
+        text += residual_warning(name or folder.name)
+    text += _introduction(base, base_name, meta, exported=bool(fmt))
+    if meta.get("dash_directions") and not fmt:
+        text += dash_note(meta)
     if fmt:
         text += f"\nThis is the `{fmt}` export (`tlora export --format {fmt}`): {export_note}\n"
         if command:
@@ -141,6 +150,31 @@ def adapter_card(
         "\n## Serving it\n\n"
         "PEFT loads it as it is (and so does training). Inference servers apply one scaling to every module, "
         f"so export it first, after training:\n\n```bash\n{serving}```\n"
+    )
+
+
+def residual_warning(name: str) -> str:
+    """The first lines of a residual adapter's card: PEFT cannot be stopped from loading it on the unchanged model,
+    which gives W + s B A, not W."""
+    return (
+        "> **A residual adapter: do not load it on the unchanged base model.** It was made by LoRA-Init, whose A and "
+        "B hold W's own top task-specific directions: its base is W_res = W - s B0 A0 (the factors are in "
+        "`tlora_directions.safetensors`). On the unchanged model it adds those directions a second time. Train it "
+        "with `tlora_cli.training.load_for_training(base, ADAPTER)`, which makes W_res in memory, or on the model "
+        f"`tlora export {name} --format residual-base -o BASE` writes; serve it after "
+        f"`tlora export TRAINED --format lora --initial {name} -o PLAIN`.\n\n"
+    )
+
+
+def dash_note(meta: dict) -> str:
+    """What a trainer that ignores the sidecar gets, and how the term reaches a server."""
+    plain = "LoRA-Init's residual adapter" if meta.get("residual") else "the plain LoRA"
+    return (
+        f"\nIt carries LoRA-Dash's term: a trainable coefficient on each of W's top {meta['dash_directions']} "
+        "task-specific directions per module (u, v and the coefficients in `tlora_directions.safetensors`). "
+        "`tlora_cli.training.load_for_training` attaches it and `save_trained` keeps it; a trainer that ignores the "
+        f"sidecar trains {plain} without it. For serving, fold it into a plain LoRA with "
+        "`tlora export TRAINED --format lora`.\n"
     )
 
 
@@ -183,6 +217,23 @@ def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str
         f"{base_text} with a LoRA adapter merged into its weights (W + s B A for every adapted module), written "
         f"by `tlora export --format merged` from `{adapter}`. Load it like the base model; serve it with any "
         "server, no LoRA support needed.\n"
+    )
+    made = _made(adapter_meta, None)
+    if made:
+        text += "\n## How the adapter was made\n\n| | |\n|---|---|\n" + "\n".join(made) + "\n"
+    return text
+
+
+def residual_base_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
+    text = front_matter(base, "finetune", "transformers", _datasets(adapter_meta), ["residual-base"])
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else "the base model"
+    text += (
+        f"\n# {folder.name}\n\n"
+        f"> **Not a model to use on its own.** This is {base_text} with the top task-specific directions of the "
+        f"residual adapter `{adapter}` taken out of its weights (W_res = W - s B0 A0, written by `tlora export "
+        f"--format residual-base`). Load `{adapter}` on it to train: the pair starts exactly where the base model "
+        "is. After training, `tlora export TRAINED --format lora --initial ADAPTER` gives a plain LoRA on the "
+        "original base, for serving.\n"
     )
     made = _made(adapter_meta, None)
     if made:

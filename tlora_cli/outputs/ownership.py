@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..adapter.layout import ADAPTER_FILES, CARD, PLOT
+from ..adapter.layout import ADAPTER_FILES, CARD, OPTIONAL_FILES
 from ..calib.layout import FORMAT as CALIBRATION_FORMAT
 from ..calib.layout import MANIFEST as CALIBRATION_MANIFEST
 from ..calib.layout import SUBFOLDERS as CALIBRATION_SUBFOLDERS
@@ -23,11 +23,15 @@ from ..model.resolve import model_path
 from ..plan import FORMAT as PLAN_FORMAT
 from .card import is_tlora_card
 
+# A trial folder (`tlora trial`): its result, its picture, and the winning start as an adapter folder.
+TRIAL_RESULT, TRIAL_CURVES, TRIAL_BEST, TRIAL_FORMAT = "trial.json", "loss_curves.png", "best", "tlora-trial/1"
+TRIAL_FILES = (TRIAL_RESULT, TRIAL_CURVES, TRIAL_BEST)
 KINDS = {
     "adapter": "an adapter folder",
     "merged": "a merged checkpoint (tlora export --format merged)",
     "calibration": "a calibration folder",
     "plan": "a plan file",
+    "trial": "a trial folder (tlora trial)",
 }
 
 
@@ -45,6 +49,9 @@ def written_by_tlora(path: Path, kind: str) -> bool:
     if kind == "plan":
         doc = maybe_object(path)
         return doc is not None and doc.get("format") == PLAN_FORMAT
+    if kind == "trial":
+        doc = maybe_object(path / TRIAL_RESULT) if path.is_dir() else None
+        return doc is not None and doc.get("format") == TRIAL_FORMAT
     raise ValueError(kind)
 
 
@@ -53,7 +60,17 @@ def foreign_entry(path: Path, kind: str) -> str | None:
     trainer saved, a checkpoint): replacing the folder would delete it."""
     if kind in ("plan", "merged") or not path.is_dir():
         return None  # a merged checkpoint also carries the base's own files (tokenizer, generation config)
-    allowed = {*ADAPTER_FILES, PLOT} if kind == "adapter" else {CALIBRATION_MANIFEST, *CALIBRATION_SUBFOLDERS}
+    if kind == "trial":
+        for entry in sorted(path.iterdir()):
+            if entry.name not in TRIAL_FILES or entry.is_symlink():
+                return entry.name
+        inner = foreign_entry(path / TRIAL_BEST, "adapter")
+        return f"{TRIAL_BEST}/{inner}" if inner else None
+    allowed = (
+        {*ADAPTER_FILES, *OPTIONAL_FILES} - {CARD}
+        if kind == "adapter"
+        else {CALIBRATION_MANIFEST, *CALIBRATION_SUBFOLDERS}
+    )
     for entry in sorted(path.iterdir()):
         if kind == "adapter" and entry.name == CARD and is_tlora_card(entry):
             continue

@@ -57,6 +57,7 @@ def _summarise(folder: Path) -> dict:
         "recipe": meta.get("recipe", "default") if meta else None,
         "covariance": meta.get("covariance") if meta else None,
         "train_a": meta.get("train_a") if meta else None,
+        "residual": bool(meta and meta.get("residual")),
         "modules": modules,
         "left_out": [m["name"] for m in (meta or {}).get("modules", []) if not m.get("rank")],
         "targets": len(all_shapes),
@@ -120,6 +121,12 @@ def print_method(summary: dict, console: Console) -> None:
         a_state = "trained" if summary["train_a"] else "frozen"
         covariance = f", covariance {summary['covariance']}" if summary["covariance"] else ""
         console.print(f"method {summary['method']}, recipe {summary['recipe']}{covariance}, A {a_state} in training")
+    if summary.get("residual"):
+        console.print(
+            "[yellow]residual adapter:[/] its base is W_res = W - s B0 A0, not the model: train it with "
+            "load_for_training or on `tlora export ADAPTER --format residual-base`; serve it after "
+            "`tlora export TRAINED --format lora --initial ADAPTER`"
+        )
 
 
 def totals_table(summary: dict) -> Table:
