@@ -1,5 +1,8 @@
 """Fine-tune SmolLM2-135M from each adapter arm on generated math word problems and score it on held-out ones.
 
+The fine-tunes run on tlora's own trainer (tlora_cli.train, the one `tlora trial` runs; tests/test_trial.py holds it
+to PEFT's training of the same adapters), with the adapter put on a base model loaded once.
+
 Every arm gets the same rank budget, data order, optimizer, batch size and number of steps; only `tlora
 init`'s flags and the learning rate differ. The learning rate is tuned per arm, because A's scale sets
 how far one Adam step moves the output (analyse.py): each arm trains on seed 0 up a grid of rates
@@ -32,14 +35,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tlora_cli.data import Sample, encode_sample
-from tlora_cli.model.builtin import builtin_model_path
-from tlora_cli.training import load_for_training
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's tlora_cli, whichever pip installed
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
-from common import machine, tlora_script
+from common import machine
 from math_problems import generate_problems
 from step_match import step_match
+
+from tlora_cli.data import EncodedSample, Sample, encode_sample
+from tlora_cli.model.builtin import builtin_model_path
+from tlora_cli.train.loop import Plan, Schedule, heldout_loss
+from tlora_cli.train.loop import train as train_lora
+from tlora_cli.train.lora import LoraWeights, Start, started
+from tlora_cli.training.start import start_from_adapter
 
 QUALITY_DIR = Path(__file__).resolve().parent
 # Arm id -> (label, `tlora init` flags). The rank budget and alpha are added to every one.
@@ -55,7 +63,17 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "tlora-train-a": ("full TLoRA, A trained", ["--train-a"]),
     "tlora-step-match": ("full TLoRA, scalings matched to LoRA's step (step_match.py)", []),
     "lora-da": ("LoRA-DA (A frozen)", ["--method", "lora-da", "--uniform"]),
+    "lora-init": ("LoRA-Init (pre-launch, residual; A, B trained)", ["--method", "lora-init"]),
+    "lora-dash": ("LoRA-Dash (pre-launch + 8 coefficients; A, B, dsigma trained)", ["--method", "lora-dash"]),
+    "lora-tsd": ("LoRA-TSD (LoRA-Init + 8 coefficients)", ["--method", "lora-tsd"]),
+    "lora-init-equal": ("LoRA-Init, pre-launch + fine-tune = LoRA's steps", ["--method", "lora-init"]),
+    "lora-dash-equal": ("LoRA-Dash, pre-launch + fine-tune = LoRA's steps", ["--method", "lora-dash"]),
+    "lora-tsd-equal": ("LoRA-TSD, pre-launch + fine-tune = LoRA's steps", ["--method", "lora-tsd"]),
 }
+# Arms whose adapter comes from a pre-launch on the training set (`tlora init --data`), not from the calibration.
+PRELAUNCH_ARMS = {"lora-init", "lora-dash", "lora-tsd"}
+# Arms that fine-tune fewer steps, so that pre-launch + fine-tune steps equal LoRA's; their rate is their parent's.
+EQUAL_STEP_ARMS = {f"{arm}-equal": arm for arm in PRELAUNCH_ARMS}
 # Only random A depends on --seed once the calibration is fixed; the other arms are initialised once.
 SEEDED_ARMS = {"lora"}
 # Arms that read the uncentred second moment (and lora-da's gradients) finish from a second calibration.
@@ -112,11 +130,20 @@ def write_jsonl(path: Path, problems: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def tlora(args: list[str]) -> list[str]:
+    """`tlora ARGS` with this checkout's code."""
+    return [sys.executable, "-m", "tlora_cli", *args]
+
+
+REPO = Path(__file__).resolve().parents[2]
+TLORA_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
 def run_tlora(args: list[str]) -> tuple[float, str]:
     """One `tlora` command; returns its wall time and the command line as typed."""
-    command = [tlora_script(), *args]
+    command = tlora(args)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=TLORA_ENV)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start, " ".join(["tlora", *args])
@@ -124,7 +151,7 @@ def run_tlora(args: list[str]) -> tuple[float, str]:
 
 def allocation_summary(adapter: Path) -> dict:
     """What the allocation did, from `tlora inspect --json`: how concentrated the ranks and scalings are."""
-    done = subprocess.run([tlora_script(), "inspect", str(adapter), "--json"], capture_output=True, text=True)
+    done = subprocess.run(tlora(["inspect", str(adapter), "--json"]), capture_output=True, text=True, env=TLORA_ENV)
     summary = json.loads(done.stdout)
     modules = sorted(summary["modules"], key=lambda m: -m["rank"])
     ranks = [m["rank"] for m in modules]
@@ -146,22 +173,9 @@ def allocation_summary(adapter: Path) -> dict:
     }
 
 
-def encode(problems: list[dict], tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
+def encode(problems: list[dict], tokenizer, seq_len: int) -> list[EncodedSample]:
     """Exactly the tokens and loss mask `tlora calibrate` uses: prompt + completion + EOS, loss on the latter."""
-    out = []
-    for p in problems:
-        e = encode_sample(Sample(prompt=prompt_of(p), response=completion_of(p)), tokenizer, seq_len)
-        out.append((e.input_ids, e.labels))
-    return out
-
-
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right padding; padded positions carry no loss and no attention."""
-    length = max(len(ids) for ids, _ in rows)
-    ids = [i + [pad_id] * (length - len(i)) for i, _ in rows]
-    labels = [lab + [-100] * (length - len(lab)) for _, lab in rows]
-    mask = [[1] * len(i) + [0] * (length - len(i)) for i, _ in rows]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    return [encode_sample(Sample(prompt=prompt_of(p), response=completion_of(p)), tokenizer, seq_len) for p in problems]
 
 
 def fresh_base(path: Path) -> torch.nn.Module:
@@ -169,46 +183,21 @@ def fresh_base(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).float()
 
 
-def train(model: torch.nn.Module, batches: list[dict], lr: float, warmup: int) -> tuple[list[float], float, float]:
-    """AdamW, linear warm-up then linear decay to zero, gradients clipped at 1.
+def fine_tune(
+    model: torch.nn.Module, parameters: list[torch.Tensor], batches: list[list[EncodedSample]], lr: float, warmup: int
+) -> tuple[list[float], float, float]:
+    """tlora's own trainer (tlora_cli.train, what `tlora trial` runs) on a model with an adapter `started` on it:
+    AdamW, linear warm-up then linear decay to zero, gradients clipped at 1, the loss the mean over each batch's
+    answer tokens, the whole batch at once.
 
     Returns per-step losses, wall seconds and CPU seconds (all threads): on a shared machine the CPU
     time is the figure that compares arms, since the wall time also counts whatever else ran.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total = len(batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / (total - warmup))
-    )
-    model.train()
-    losses = []
+    schedule = Schedule(len(batches), lr, warmup, decay=True)
+    plan = Plan(len(batches[0]), False, "each batch at once")
     start, cpu_start = time.perf_counter(), time.process_time()
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_lora(model, parameters, batches, schedule, plan, clip=1.0)
     return losses, time.perf_counter() - start, time.process_time() - cpu_start
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, encoded: list[tuple[list[int], list[int]]], pad_id: int) -> float:
-    """Mean token cross-entropy over every answer token of the test set (token-weighted, not per problem)."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), 8):
-        batch = collate(encoded[i : i + 8], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((labels != -100).sum())
-    return total / count
 
 
 def parse_final(text: str) -> float | None:
@@ -242,7 +231,7 @@ def exact_match(
 
 def evaluate(model: torch.nn.Module, tokenizer, test: list[dict], test_encoded: list, args) -> dict:
     start = time.perf_counter()
-    loss = heldout_loss(model, test_encoded, tokenizer.pad_token_id)
+    loss = heldout_loss(model, test_encoded)
     em, parsed = exact_match(model, tokenizer, test, args.gen_batch_size, args.max_new_tokens)
     return {"heldout_loss": loss, "exact_match": em, "parsed": parsed, "eval_s": time.perf_counter() - start}
 
@@ -297,7 +286,8 @@ def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> N
     each imported run keeps `imported_from`, so the report can say which figures were not rerun.
     """
     other = json.loads(path.read_text())
-    if other["protocol"] != protocol:
+    # Settings added since (the pre-launch's) do not touch the arms an older file holds; every other must match.
+    if {k: v for k, v in protocol.items() if k in other["protocol"]} != other["protocol"]:
         raise SystemExit(f"{path} was run under another protocol: its runs cannot be compared with these")
     results.setdefault("baseline", other["baseline"])
     for key in ("calibration", "calibration_uncentred"):  # the same work folder's: calibrate() checks it is there
@@ -332,6 +322,7 @@ class Experiment:
         self.valid_encoded = encode(self.valid_set, self.tokenizer, args.seq_len)
         self.test_encoded = encode(self.test_set, self.tokenizer, args.seq_len)
         self.calibrations = {True: args.work_dir / "calibration", False: args.work_dir / "calibration-uncentred"}
+        self.base = fresh_base(self.base_path)  # loaded once: every run puts its adapter on and takes it off again
         (args.work_dir / "trained").mkdir(parents=True, exist_ok=True)
 
     def save(self) -> None:
@@ -354,29 +345,36 @@ class Experiment:
         return folder
 
     def baseline(self) -> None:
-        """B = 0 in every arm: one evaluation of the untouched model stands for all."""
+        """Every arm starts at the base model's output: one evaluation of the untouched model stands for all."""
         if "baseline" in self.results:
             return
-        model = fresh_base(self.base_path)
         self.results["baseline"] = {
-            "valid_loss": heldout_loss(model, self.valid_encoded, self.tokenizer.pad_token_id),
-            **evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args),
+            "valid_loss": heldout_loss(self.base, self.valid_encoded),
+            **evaluate(self.base, self.tokenizer, self.test_set, self.test_encoded, self.args),
         }
         self.save()
 
     def adapter(self, arm: str, seed: int) -> tuple[str, Path]:
-        """The arm's adapter (one per seed for LoRA's random A), made once with `tlora init --calibration`."""
+        """The arm's adapter (one per seed for LoRA's random A), made once: with `tlora init --calibration`, or for
+        the pre-launch methods with `tlora init --data` on the training set (an equal-steps arm shares its
+        parent's adapter)."""
         a = self.args
+        arm = EQUAL_STEP_ARMS.get(arm, arm)
         init_key = f"{arm}-s{seed}" if arm in SEEDED_ARMS else arm
         adapter = a.work_dir / "adapters" / init_key
         if init_key not in self.results["inits"] or not adapter.is_dir():  # the JSON may outlive the work folder
             flags = [*ARMS[arm][1], "--budget-rank", str(a.budget_rank), "--alpha", f"{a.alpha:g}"]
             if arm == "lora-da":  # its variance term needs N, the number of examples the fine-tune sees
                 flags += ["--lora-da-population", str(a.steps * a.batch_size)]
-            calibration = self.calibrate(centred=arm not in UNCENTRED_ARMS)
+            if arm in PRELAUNCH_ARMS:
+                source = ["--data", str(self.train_file), "--seq-len", str(a.seq_len)]
+                flags += ["--prelaunch-steps", str(a.prelaunch_steps), "--prelaunch-batch-size", str(a.batch_size)]
+                flags += ["--prelaunch-lr", f"{a.prelaunch_lr:g}"]
+            else:
+                source = ["--calibration", str(self.calibrate(centred=arm not in UNCENTRED_ARMS))]
             seconds, command = run_tlora(
-                ["init", "--calibration", str(calibration), *flags, "--seed", str(seed), "--device", "cpu",
-                 "--quiet", "--overwrite", "-o", str(adapter)]
+                ["init", *source, *flags, "--seed", str(seed), "--device", "cpu", "--quiet", "--overwrite",
+                 "-o", str(adapter)]
             )  # fmt: skip
             if arm == "tlora-step-match":
                 factors = step_match(adapter, self.calibrate(centred=False))
@@ -385,24 +383,26 @@ class Experiment:
             self.save()
         return init_key, adapter
 
-    def batches(self, seed: int) -> list[dict]:
-        """The seed's data order, the same for every arm and rate."""
+    def batches(self, seed: int, arm: str) -> list[list[EncodedSample]]:
+        """The seed's data order, the same for every arm and rate (an equal-steps arm takes its first steps)."""
         a = self.args
         order = random.Random(seed).sample(range(len(self.train_encoded)), a.steps * a.batch_size)
+        steps = a.steps - a.prelaunch_steps if arm in EQUAL_STEP_ARMS else a.steps
         return [
-            collate([self.train_encoded[j] for j in order[i : i + a.batch_size]], self.tokenizer.pad_token_id)
-            for i in range(0, len(order), a.batch_size)
-        ]
+            [self.train_encoded[j] for j in order[i : i + a.batch_size]] for i in range(0, len(order), a.batch_size)
+        ][:steps]
 
-    def model(self, adapter: Path, trained: Path | None = None) -> torch.nn.Module:
-        """A fresh float32 base with the adapter loaded for training; with `trained`, its LoRA weights restored."""
-        model = load_for_training(fresh_base(self.base_path), adapter)
+    def start(self, adapter: Path, trained: Path | None = None) -> Start:
+        """The adapter as tlora's trainer starts from it; with `trained`, its trained weights in place of its own."""
+        start = start_from_adapter(adapter)
         if trained is not None:
-            missing, unexpected = model.load_state_dict(load_file(trained), strict=False)
-            lora_missing = [k for k in missing if "lora_" in k]
-            if unexpected or lora_missing:
-                raise SystemExit(f"{trained} does not fit {adapter}: {unexpected[:2]} {lora_missing[:2]}")
-        return model
+            saved = load_file(trained)
+            for name, w in start.weights.items():
+                sigma = saved.get(f"{name}.dash_sigma")
+                start.weights[name] = LoraWeights(
+                    saved[f"{name}.A"], saved[f"{name}.B"], w.scaling, w.dash_u, w.dash_vh, sigma
+                )
+        return start
 
     def train(self, arm: str, lr: float, seed: int) -> dict:
         """Train one (arm, rate, seed) unless done; its LoRA weights are kept for a later test evaluation."""
@@ -411,14 +411,20 @@ class Experiment:
             return self.results["runs"][key]
         init_key, adapter = self.adapter(arm, seed)
         torch.manual_seed(seed)
-        model = self.model(adapter)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         load_start = os.getloadavg()[0]
-        losses, train_s, train_cpu_s = train(model, self.batches(seed), lr, self.args.warmup)
-        start = time.perf_counter()
-        valid = heldout_loss(model, self.valid_encoded, self.tokenizer.pad_token_id) if self.valid_set else None
-        weights = {k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k}
-        save_file(weights, trained_file(self.args.work_dir, key))
+        with started(self.base, self.start(adapter)) as weights:
+            parameters = [t for w in weights.values() for t in w.trained()]
+            trainable = sum(t.numel() for t in parameters)
+            losses, train_s, train_cpu_s = fine_tune(
+                self.base, parameters, self.batches(seed, arm), lr, self.args.warmup
+            )
+            start = time.perf_counter()
+            valid = heldout_loss(self.base, self.valid_encoded) if self.valid_set else None
+            parts = {n: (("A", w.a), ("B", w.b), ("dash_sigma", w.dash_sigma)) for n, w in weights.items()}
+            saved = {
+                f"{n}.{part}": t.detach().contiguous() for n, ps in parts.items() for part, t in ps if t is not None
+            }
+        save_file(saved, trained_file(self.args.work_dir, key))
         run = {
             "arm": arm,
             "lr": lr,
@@ -441,15 +447,15 @@ class Experiment:
     def test(self, arm: str, lr: float, seed: int) -> None:
         """Score a finished run on the test split from its saved weights; retrained only where they are lost."""
         key = run_key(arm, lr, seed)
-        run = self.results["runs"][key]
+        run = self.results["runs"].get(key) or self.train(arm, lr, seed)  # a rate given, not swept: not trained yet
         if "heldout_loss" in run:
             return
         weights = trained_file(self.args.work_dir, key)
         if not weights.is_file():  # trained on a machine whose work folder is gone: train again
             del self.results["runs"][key]
             run = self.train(arm, lr, seed)
-        model = self.model(self.args.work_dir / "adapters" / run["init"], weights)
-        run.update(evaluate(model, self.tokenizer, self.test_set, self.test_encoded, self.args))
+        with started(self.base, self.start(self.args.work_dir / "adapters" / run["init"], weights)):
+            run.update(evaluate(self.base, self.tokenizer, self.test_set, self.test_encoded, self.args))
         self.save()
         print(f"{key}: test loss {run['heldout_loss']:.4f} em {run['exact_match']:.3f}", flush=True)
 
@@ -481,6 +487,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--prelaunch-steps", type=int, default=50, help="The pre-launch arms' (batches as training).")
+    parser.add_argument("--prelaunch-lr", type=float, default=2e-4)
     parser.add_argument("--budget-rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--num-samples", type=int, default=32)
@@ -528,7 +536,8 @@ def main() -> None:
     experiment.baseline()
     # Every arm's rate and its test score on the sweep seed first: a cut-off run still compares all arms on one seed.
     for arm in [] if args.only_shared else args.arms:
-        results["selected"][arm] = experiment.select_lr(arm)
+        parent = EQUAL_STEP_ARMS.get(arm)
+        results["selected"][arm] = results["selected"][parent] if parent else experiment.select_lr(arm)
         experiment.save()
         experiment.test(arm, results["selected"][arm], args.sweep_seed)
     for seed in [] if args.only_shared else args.seeds:
