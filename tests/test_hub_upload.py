@@ -18,21 +18,22 @@ class FakeCommit:
 
 @pytest.fixture
 def hub(monkeypatch):
-    """HfApi.create_repo and create_commit recorded instead of sent."""
+    """HfApi.create_repo and upload_folder recorded instead of sent (upload_folder's files read as it would)."""
     calls: dict[str, list] = {"create_repo": [], "create_commit": []}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"].append({"repo_id": repo_id, **kwargs})
         return f"https://huggingface.co/{repo_id}"
 
-    def create_commit(self, repo_id, operations, **kwargs):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         calls["create_commit"].append({"repo_id": repo_id, "files": files, **kwargs})
         pr = f"https://huggingface.co/{repo_id}/discussions/1" if kwargs.get("create_pr") else None
         return FakeCommit(f"https://huggingface.co/{repo_id}/commit/abc123", pr)
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     return calls
 
 

@@ -161,7 +161,7 @@ def test_the_package_has_no_import_circle():
 
 # The data flow, in order: a module imports from its own layer or an earlier one, never from a later one.
 LAYERS = (
-    ("tlora_cli", "tlora_cli.errors", "tlora_cli.signals", "tlora_cli.jsonio", "tlora_cli.options"),
+    ("tlora_cli", "tlora_cli.errors", "tlora_cli.signals", "tlora_cli.jsonio", "tlora_cli.names", "tlora_cli.options"),
     ("tlora_cli.distributed", "tlora_cli.progress", "tlora_cli.recipe"),
     ("tlora_cli.model",),
     ("tlora_cli.data",),

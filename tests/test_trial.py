@@ -147,7 +147,7 @@ def test_a_trial_end_to_end(run_cli, model_factory, data, tmp_path, monkeypatch)
     tokenizer = load_tokenizer(model_dir)
     chosen = load_calibration_set(str(data), tokenizer, 24, 32, 0)
     heldout = {tuple(s.input_ids) for s in chosen.samples[:6]}
-    assert result["split"]["heldout"] == chosen.wheres[:6]
+    assert result["split"]["heldout"] == [w.replace(str(data), data.name) for w in chosen.wheres[:6]]
     assert seen and not heldout & set(seen), "a held-out sample was trained or calibrated on"
     assert {a["method"] for a in result["arms"]} == {"tlora", "random", "lora-init"}
     assert all(math.isfinite(a["heldout_loss"]) for a in result["arms"])

@@ -18,13 +18,15 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .adapter.peft import read_adapter
 from .calib.options import CalibrationOptions, MeasureOptions
 from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
 from .data.show import ShowOptions
 from .distributed import is_main_process, refuse_ranks
 from .errors import Stopped, TloraError, disk_full
-from .exports import ExportOptions
+from .exports import FORMATS, ExportOptions, serving_facts
 from .exports.run import export
+from .exports.vllm import vllm_max_lora_rank
 from .flags import Pick, with_options
 from .methods import OPTION_CLASSES, MethodOptions
 from .model.loading import load_tokenizer
@@ -35,7 +37,7 @@ from .outputs.card import command_line
 from .outputs.upload import PublishOptions, push_folder
 from .pipeline import ReuseOptions, run_allocate, run_calibrate, run_init
 from .plan import AllocationOptions
-from .progress import ProgressOptions, Reporter
+from .progress import ProgressOptions, Reporter, ReportOptions
 from .recipe import RecipeOptions
 from .report.picture import print_picture, write_plot
 from .report.summary import InspectOptions, print_summary, summarise
@@ -43,10 +45,14 @@ from .trial.options import TrialOptions
 from .trial.report import table as trial_table
 from .trial.run import run_trial
 
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 a bad input or environment, said in one line (nothing written); 2 a mistyped command or "
+    "option; 3 an internal error (a bug: rerun with TLORA_DEBUG=1 and report it); 130 interrupted (Ctrl-C, SIGTERM)."
+)
 app = typer.Typer(
     help="Task-aware LoRA initialisation (TLoRA): calibrate on a few samples, allocate ranks, write a PEFT adapter.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="The calibration datasets tlora knows, and samples as the model sees them.")
@@ -75,11 +81,31 @@ def _out(help_text: str) -> Pick:
     return Pick(OutputOptions, helps={"out": help_text})
 
 
-def _publish(publish: PublishOptions, out: Path, reporter: Reporter) -> None:
-    """--push-to-hub, once OUT is complete (under torchrun, rank 0 alone wrote it)."""
-    if publish.push_to_hub is not None and is_main_process():
-        url = push_folder(out, publish.push_to_hub, publish.private, publish.create_pr)
-        reporter.info(f"pushed {out} to {url}")
+def _publish(publish: PublishOptions, out: Path, reporter: Reporter) -> str | None:
+    """--push-to-hub, once OUT is complete (under torchrun, rank 0 alone wrote it); the commit's URL."""
+    if publish.push_to_hub is None or not is_main_process():
+        return None
+    url = push_folder(out, publish.push_to_hub, publish.private, publish.create_pr)
+    reporter.info(f"pushed {out} to {url}")
+    return url
+
+
+def adapter_facts(folder: Path, servers: bool = True) -> dict:
+    """An adapter folder for a CI job: where, how many modules, their ranks, and what each server needs."""
+    adapter = read_adapter(folder, tensors=False)
+    ranks = [m.rank for m in adapter.modules]
+    facts = {
+        "out": str(folder),
+        "method": adapter.metadata.get("method"),
+        "residual": bool(adapter.metadata.get("residual")),
+        "modules": len(ranks),
+        "ranks": {"min": min(ranks), "max": max(ranks), "total": sum(ranks)},
+    }
+    return facts | ({"servers": serving_facts(adapter, folder)} if servers else {})
+
+
+def _print_json(value: dict) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
 
 
 @app.command("calibrate")
@@ -147,6 +173,7 @@ def allocate_command(
     recipe=RecipeOptions,
     publish=PublishOptions,
     progress=ProgressOptions,
+    report=ReportOptions,
 )
 def init_command(
     output: OutputOptions,
@@ -160,6 +187,7 @@ def init_command(
     recipe: RecipeOptions,
     publish: PublishOptions,
     progress: ProgressOptions,
+    report: ReportOptions,
 ) -> None:
     """Calibrate, allocate and write a PEFT adapter directory (or finish from --calibration/--plan)."""
     publish.check()  # before minutes of work: a bad repo id
@@ -176,7 +204,9 @@ def init_command(
         reuse=reuse,
         reporter=reporter,
     )
-    _publish(publish, output.out, reporter)
+    pushed = _publish(publish, output.out, reporter)
+    if report.as_json and is_main_process():
+        _print_json({**adapter_facts(output.out), "pushed": pushed})
 
 
 @app.command("trial")
@@ -189,6 +219,7 @@ def init_command(
     trial=TrialOptions,
     method_options=OPTION_CLASSES,
     progress=ProgressOptions,
+    report=ReportOptions,
 )
 def trial_command(
     output: OutputOptions,
@@ -199,6 +230,7 @@ def trial_command(
     trial: TrialOptions,
     method_options: dict[type, Options],
     progress: ProgressOptions,
+    report: ReportOptions,
 ) -> None:
     """Which start and which learning rate win on your data: short fine-tunes scored on a held-out split."""
     reporter = Reporter(progress.quiet)
@@ -212,7 +244,7 @@ def trial_command(
         method_options=method_options,
         reporter=reporter,
     )
-    if trial.as_json:
+    if report.as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     else:
         Console(width=max(Console().width, 100)).print(trial_table(result))
@@ -261,22 +293,23 @@ def data_show_command(
 
 
 @app.command("inspect")
-@with_options(inspect=InspectOptions)
+@with_options(inspect=InspectOptions, report=ReportOptions)
 def inspect_command(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory written by `tlora init`.")],
     inspect: InspectOptions,
+    report: ReportOptions,
 ) -> None:
     """Where the budget went: a rank and scaling heatmap (layers x module types) and totals against uniform LoRA."""
     summary = summarise(adapter_dir)
     if inspect.plot is not None:
         write_plot(summary, inspect.plot)
-    if inspect.as_json:
+    if report.as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     elif inspect.modules:
         print_summary(summary, Console(width=max(Console().width, 100)))
     else:
         print_picture(summary, Console(width=max(Console().width, 100)))
-    if inspect.plot is not None and not inspect.as_json:
+    if inspect.plot is not None and not report.as_json:
         Console(stderr=True, highlight=False).print(f"wrote {inspect.plot}")
 
 
@@ -289,6 +322,7 @@ def inspect_command(
     ),
     publish=PublishOptions,
     progress=ProgressOptions,
+    report=ReportOptions,
 )
 def export_command(
     adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (tlora's, or a trained one).")],
@@ -297,6 +331,7 @@ def export_command(
     model: ModelOptions,
     publish: PublishOptions,
     progress: ProgressOptions,
+    report: ReportOptions,
 ) -> None:
     """An adapter as inference servers read it (vLLM, SGLang/TGI/LoRAX), or merged into its base model."""
     publish.check()
@@ -310,7 +345,13 @@ def export_command(
         reporter.warn(warning)
     for hint in written.hints:
         reporter.info(hint)
-    _publish(publish, output.out, reporter)
+    pushed = _publish(publish, output.out, reporter)
+    if report.as_json:
+        facts = {"format": options.format, "hints": written.hints, "warnings": written.warnings, "pushed": pushed}
+        if FORMATS[options.format].kind == "adapter":
+            facts |= adapter_facts(output.out, servers=False)
+            facts["max_lora_rank"] = vllm_max_lora_rank(facts["ranks"]["max"])
+        _print_json({"out": str(output.out), **facts})
 
 
 def quiet_libraries() -> None:

@@ -47,6 +47,10 @@ def _finite(value: float | None) -> float | None:
     return value
 
 
+def _is_bool(hint: object) -> bool:
+    return hint is bool or bool in typing.get_args(hint)
+
+
 def parameters(pick: Pick) -> list[inspect.Parameter]:
     """The Typer parameters of one options class's flags."""
     hints = typing.get_type_hints(pick.cls)
@@ -58,9 +62,9 @@ def parameters(pick: Pick) -> list[inspect.Parameter]:
         help_text = pick.helps.get(f.name, flag.help)
         required = f.default is MISSING
         finite = _finite if float in typing.get_args(hints[f.name]) or hints[f.name] is float else None
-        info = typer.Option(
-            *flag.names, help=help_text, metavar=flag.metavar, show_default=not required, callback=finite
-        )
+        # An on/off flag takes no value: Typer would show one ("<bool>") unless told there is none.
+        metavar = flag.metavar if flag.metavar is not None or not _is_bool(hints[f.name]) else ""
+        info = typer.Option(*flag.names, help=help_text, metavar=metavar, show_default=not required, callback=finite)
         default = inspect.Parameter.empty if required else f.default
         params.append(
             inspect.Parameter(

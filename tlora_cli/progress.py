@@ -19,6 +19,13 @@ class ProgressOptions(Options):
     quiet: bool = option(False, "No progress bars or messages.", "--quiet", "-q")
 
 
+@dataclass
+class ReportOptions(Options):
+    """How a command reports its result: stdout carries nothing but it (progress and messages go to stderr)."""
+
+    as_json: bool = option(False, "Print the result as one JSON object on stdout (for CI jobs).", "--json")
+
+
 class Reporter:
     """Shows what each phase is doing and records how long it took (the metadata's `timings`)."""
 

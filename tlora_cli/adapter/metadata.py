@@ -14,7 +14,10 @@ from ..allocation import ModuleAllocation
 from ..calib.folder import Calibration
 from ..calib.statistics import COVARIANCES
 from ..methods import InitSettings, covariance_kind
+from ..names import published
 from ..recipe import RELEASED_NUM_SAMPLES
+
+PATH_FIELDS = ("source", "local_copy", "folder")  # data provenance that may hold a local path
 
 
 def package_versions() -> dict[str, str]:
@@ -44,8 +47,8 @@ def metadata(
         **({"released_recipe": released_departures(calibration, allocations)} if init.recipe.released else {}),
         "covariance": covariance_kind(calibration.settings.get("center", False)) if reads_covariance else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": calibration.model,
-        "data": calibration.data,
+        "model": {**calibration.model, "name": published(calibration.model["name"])},
+        "data": published_data(calibration.data),
         "calibration": {
             **calibration.settings,
             "num_samples": calibration.stats.num_samples,
@@ -57,6 +60,11 @@ def metadata(
         "versions": package_versions(),
         "timings": timings,
     }
+
+
+def published_data(data: dict) -> dict:
+    """The data's provenance with every local path cut to its name."""
+    return {k: published(v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in data.items()}
 
 
 def released_departures(calibration: Calibration, allocations: list[ModuleAllocation]) -> dict:

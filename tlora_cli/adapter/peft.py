@@ -57,9 +57,9 @@ class LoraModule:
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
 
-    def scaled_b(self) -> torch.Tensor:
-        """s_i B in float32, back in B's dtype: the B a server with scaling 1 must see."""
-        return (self.b.float() * self.scaling).to(self.b.dtype).contiguous()
+    def scaled_b(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s_i B in float32, then in `dtype` (default B's own): the B a server with scaling 1 must see."""
+        return (self.b.float() * self.scaling).to(dtype or self.b.dtype).contiguous()
 
     def delta(self) -> torch.Tensor:
         """s_i B A in float32: what PEFT adds to W."""

@@ -78,7 +78,7 @@ def calibrate(
         "dtype": str(dtype).removeprefix("torch."),
         **({"distributed": dist.record(n, owners)} if dist.active else {}),
     }
-    model_info = {"name": source.name, "fingerprint": fingerprint}
+    model_info = {"name": source.name, "fingerprint": fingerprint, **source.provenance()}
     provenance = {**calib_set.provenance, **data_record(calib_set, options)}
     return Calibration(stats, model_info, provenance, settings, dict(reporter.timings)), weight_of
 

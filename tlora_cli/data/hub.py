@@ -7,14 +7,12 @@ is read as a local folder: `datasets` does not look there by itself.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TloraError
-from ..model.hub_probe import offline_when_unreachable
 
 # Above this many bytes to download (when the dataset card says), a split is streamed rather than prepared.
 STREAM_ABOVE_BYTES = 2**30
@@ -53,11 +51,9 @@ def open_split(path: str, configs: Sequence[str | None], split: str, streaming: 
     """
     import datasets
 
-    local = Path(path).exists()
-    with contextlib.nullcontext(False) if local else offline_when_unreachable():
-        parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
-        for config in configs[1:]:  # read alike: the first config decided whether to stream
-            parts.append(_open_one(path, config, split, parts[0].streaming, label))
+    parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
+    for config in configs[1:]:  # read alike: the first config decided whether to stream
+        parts.append(_open_one(path, config, split, parts[0].streaming, label))
     if len(parts) == 1:
         return parts[0]
     counts = [part.num_rows for part in parts]

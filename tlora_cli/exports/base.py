@@ -18,8 +18,11 @@ from safetensors.torch import save_file
 
 from ..adapter.layout import CONFIG, METADATA, WEIGHTS
 from ..adapter.peft import PeftAdapter
+from ..adapter.sidecar import RESIDUAL_A, read_sidecar
+from ..directions import DASH_U
 from ..jsonio import dump
 from ..model.resolve import ModelOptions
+from ..names import published
 from ..outputs.card import write_card
 
 
@@ -34,6 +37,7 @@ class ExportJob:
     model: ModelOptions
     rank: int | None = None
     initial: Path | None = None
+    dtype: torch.dtype | None = None  # None: the source's own
     command: str | None = None
     on_shard: Callable[[str], None] | None = None
 
@@ -84,9 +88,19 @@ def write_lora(
     fields, which no longer hold) with how the export was made, and a card that says what `fmt` did (`note`)."""
     save_file(tensors, job.folder / WEIGHTS, metadata={"format": "pt"})
     (job.folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    export = {"format": fmt, "from": str(job.adapter.folder.resolve()), "rank": config["r"]}
+    export = {"format": fmt, "from": published(str(job.adapter.folder.resolve())), "rank": config["r"]}
     if initial is not None:
-        export["initial"] = str(initial.resolve())
+        export["initial"] = published(str(initial.resolve()))
     meta = {k: v for k, v in job.adapter.metadata.items() if k not in drop}
     (job.folder / METADATA).write_text(dump({**meta, "export": export}))
     write_card(job.folder, job.command, name=job.out.name, export_note=note)
+
+
+def unconverted(adapter: PeftAdapter) -> str | None:
+    """What an adapter holds beyond a plain LoRA on its base, in words; None for a plain LoRA."""
+    sidecar = read_sidecar(adapter.folder)
+    if adapter.metadata.get("residual") or any(RESIDUAL_A in e for e in sidecar.values()):
+        return "a residual adapter: its base is W_res = W - s B0 A0, not the model"
+    if any(DASH_U in e for e in sidecar.values()):
+        return "a LoRA-Dash adapter: its Dash term lives in its sidecar, which servers do not read"
+    return None

@@ -3,6 +3,7 @@ and index (one shard in memory at a time), with its config, tokenizer and small 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,10 @@ def write_checkpoint(
     folder: Path,
     changes: dict[str, tuple[list[int], Change]],
     on_shard: Callable[[str], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """`changes`: per weight name, the shape it must have and the function that gives its new value (in its dtype)."""
+    """`changes`: per weight name, the shape it must have and the function that gives its new value (in float32 or
+    wider). Every floating tensor is written in `dtype` (None: each in its own), and config.json says so."""
     checkpoint = Checkpoint(base)
     _check_base(checkpoint, changes, base)
     by_file: dict[Path, list[str]] = {}
@@ -38,15 +41,28 @@ def write_checkpoint(
         with open_shard(file) as f:
             for name in names:
                 tensor = f.get_tensor(name)
+                target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 if name in changes:
                     tensor = changes[name][1](tensor)
-                tensors[name] = tensor.contiguous()
+                tensors[name] = tensor.to(target).contiguous()
             shard_metadata = f.metadata() or {"format": "pt"}
         save_file(tensors, folder / file.name, metadata=shard_metadata)
         del tensors
     for item in sorted(base.iterdir()):
         if item.is_file() and not item.name.endswith((".safetensors", *SKIP_SUFFIXES)) and item.name not in SKIP_NAMES:
             shutil.copyfile(item, folder / item.name)  # follows the hub cache's symlinks
+    if dtype is not None:
+        _set_config_dtype(folder / "config.json", dtype)
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """The dtype transformers loads the checkpoint in by default (`dtype`, and the older `torch_dtype` if there)."""
+    config = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _check_base(checkpoint: Checkpoint, changes: dict[str, tuple[list[int], Change]], base: Path) -> None:

@@ -53,7 +53,7 @@ def write(job: ExportJob) -> Written:
         if dash:
             entry = dash[m.name]
             blocks.append((entry[DASH_VH].float(), entry[DASH_U].float() * entry[DASH_SIGMA].float() / m.scaling))
-        a, b = _stacked(m, blocks)
+        a, b = _stacked(m, blocks, job.dtype)
         tensors[tensor_key(m.name, "A")], tensors[tensor_key(m.name, "B")] = a, b
         ranks[m.name] = a.shape[0]
         alphas[m.name] = m.scaling * a.shape[0]
@@ -76,13 +76,15 @@ def _entries(sidecar: dict[str, dict[str, torch.Tensor]], field: str) -> dict[st
     return {name: entry for name, entry in sidecar.items() if field in entry}
 
 
-def _stacked(m: LoraModule, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A' (rows of every block's A) and B' (columns of every block's B), in the adapter's dtypes."""
+def _stacked(
+    m: LoraModule, blocks: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A' (rows of every block's A) and B' (columns of every block's B), in `dtype` or the adapter's own."""
     for a, b in blocks:
         if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
             raise TloraError(f"the factors kept for {m.name} do not fit its A and B: is --initial the right adapter?")
-    a = torch.cat([a for a, _ in blocks]).to(m.a.dtype).contiguous()
-    b = torch.cat([b for _, b in blocks], dim=1).to(m.b.dtype).contiguous()
+    a = torch.cat([a for a, _ in blocks]).to(dtype or m.a.dtype).contiguous()
+    b = torch.cat([b for _, b in blocks], dim=1).to(dtype or m.b.dtype).contiguous()
     return a, b
 
 

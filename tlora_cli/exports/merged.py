@@ -19,9 +19,9 @@ def write(job: ExportJob) -> Written:
     base, hub_id = merged_base(job.adapter, job.model)
     modules = job.adapter.modules
     changes = {f"{m.name}.weight": ([m.out_features, m.in_features], _merge(m)) for m in modules}
-    write_checkpoint(base, job.folder, changes, job.on_shard)
+    write_checkpoint(base, job.folder, changes, job.on_shard, job.dtype)
     meta = job.adapter.metadata
-    (job.folder / CARD).write_text(merged_card(job.out, hub_id, meta, str(job.adapter.folder)))
+    (job.folder / CARD).write_text(merged_card(job.out, hub_id, meta, job.adapter.folder.name))
     warnings = []
     calibrated = (meta.get("model") or {}).get("fingerprint")
     if calibrated and Checkpoint(base).fingerprint != calibrated:
@@ -32,21 +32,18 @@ def write(job: ExportJob) -> Written:
 
 
 def _merge(m: LoraModule) -> Change:
-    """W + s B A, computed in float32, in W's dtype."""
-    return lambda weight: (weight.float() + m.delta()).to(weight.dtype)
+    """W + s B A, computed in float32 (the writer casts it)."""
+    return lambda weight: weight.float() + m.delta()
 
 
 def merged_base(adapter: PeftAdapter, model: ModelOptions) -> tuple[Path, str | None]:
-    """The base model folder a merge reads, and its hub id: --model; else the folder tlora calibrated on (its
-    metadata); else `base_model_name_or_path` (the built-in model's hub id means the built-in copy)."""
+    """The base model folder a merge reads, and its hub id: --model; else `base_model_name_or_path` (a folder or a
+    hub id; the built-in model's hub id means the built-in copy)."""
     if model.model is not None:
         path = resolve_model(model.model, model.revision)
         return path, base_hub_id(model.model, path)
-    calibrated = (adapter.metadata.get("model") or {}).get("name")
     named = adapter.config.get("base_model_name_or_path")
-    if isinstance(calibrated, str) and Path(calibrated).is_dir() and model.revision is None:
-        path = Path(calibrated)
-    elif named == BUILTIN_HUB_ID and model.revision is None:
+    if named == BUILTIN_HUB_ID and model.revision is None:
         path = builtin_model_path()
     elif isinstance(named, str) and named:
         path = resolve_model(named, model.revision)

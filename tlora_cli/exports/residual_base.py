@@ -33,7 +33,7 @@ def write(job: ExportJob) -> Written:
     for m in adapter.modules:
         a0, b0, scaling = residual_factors(entries.get(m.name, {}), m.name, adapter.folder)
         changes[f"{m.name}.weight"] = ([m.out_features, m.in_features], _subtract(a0, b0, scaling))
-    write_checkpoint(base, job.folder, changes, job.on_shard)
+    write_checkpoint(base, job.folder, changes, job.on_shard, job.dtype)
     config = json.loads((job.folder / "config.json").read_text())
     config[RESIDUAL_MARK] = {"id": record.get("id"), "adapter": job.adapter.folder.name}
     (job.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -45,6 +45,7 @@ def write(job: ExportJob) -> Written:
 
 
 def _subtract(a0, b0, scaling: float) -> Change:
+    """W - s B0 A0 in float32, in W's own dtype (the base the adapter trains on; --dtype may widen it after)."""
     return lambda weight: residual(weight, a0, b0, scaling)
 
 

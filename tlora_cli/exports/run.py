@@ -5,15 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..adapter.peft import PeftAdapter, read_adapter, read_config
-from ..adapter.sidecar import RESIDUAL_A, read_sidecar
-from ..directions import DASH_U
+from ..adapter.peft import read_adapter, read_config
 from ..errors import TloraError
 from ..model.resolve import ModelOptions
 from ..outputs.atomic import atomic_dir
 from ..outputs.ownership import run_inputs
 from . import FORMATS, ExportOptions
-from .base import ExportJob, Written
+from .base import ExportJob, Written, unconverted
 
 FLAGS = {"rank": "--rank", "initial": "--initial", "model": "--model", "revision": "--revision"}
 
@@ -53,18 +51,8 @@ def export(
         *run_inputs(model.model, builtin_model="model" in fmt.reads),
     )
     with atomic_dir(out, overwrite, fmt.kind, inputs) as tmp:
-        job = ExportJob(adapter, tmp, out, model, options.rank, options.initial, command, on_shard)
+        job = ExportJob(adapter, tmp, out, model, options.rank, options.initial, options.torch_dtype, command, on_shard)
         return fmt.write(job)
-
-
-def unconverted(adapter: PeftAdapter) -> str | None:
-    """What an adapter holds beyond a plain LoRA on its base, in words; None for a plain LoRA."""
-    sidecar = read_sidecar(adapter.folder)
-    if adapter.metadata.get("residual") or any(RESIDUAL_A in e for e in sidecar.values()):
-        return "a residual adapter: its base is W_res = W - s B0 A0, not the model"
-    if any(DASH_U in e for e in sidecar.values()):
-        return "a LoRA-Dash adapter: its Dash term lives in its sidecar, which servers do not read"
-    return None
 
 
 def refuse_unexportable(config: dict, folder: Path) -> None:

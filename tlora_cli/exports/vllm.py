@@ -27,8 +27,8 @@ def write(job: ExportJob) -> Written:
     config["alpha_pattern"] = dict(config["rank_pattern"])
     tensors = {}
     for m in modules:
-        tensors[tensor_key(m.name, "A")] = m.a.contiguous()
-        tensors[tensor_key(m.name, "B")] = m.scaled_b()
+        tensors[tensor_key(m.name, "A")] = m.a.to(job.dtype or m.a.dtype).contiguous()
+        tensors[tensor_key(m.name, "B")] = m.scaled_b(job.dtype)
     max_rank = vllm_max_lora_rank(top)
     note = (
         f"each module's scaling alpha_i / r_i is folded into B and `lora_alpha = r = {top}`, so vLLM's single "
@@ -52,4 +52,5 @@ FORMAT = ExportFormat(
     "scalings folded into B, per-module ranks kept",
     "tlora export ADAPTER -o ADAPTER-vllm --format vllm      # vLLM: scalings folded into B, ranks kept",
     write,
+    reads=frozenset({"dtype"}),
 )

@@ -149,7 +149,7 @@ def _record(
         "prelaunch": prelaunch,
         **({"distributed": p.dist.record(prelaunch["batch_size"])} if p.dist.active else {}),
     }
-    model = {"name": p.source.name, "fingerprint": p.source.checkpoint.fingerprint}
+    model = {"name": p.source.name, "fingerprint": p.source.checkpoint.fingerprint, **p.source.provenance()}
     data = {**calib_set.provenance, **data_record(calib_set, p.calibration)}
     return Calibration(stats, model, data, settings, dict(p.reporter.timings))
 

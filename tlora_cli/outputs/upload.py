@@ -54,14 +54,6 @@ def hf_upload_command(folder: Path, repo_id: str, private: bool = False, create_
     return shlex.join(args)
 
 
-def commit_operations(folder: Path) -> list:
-    """Every file under `folder`, by its path relative to it: what the commit adds."""
-    from huggingface_hub import CommitOperationAdd
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]
-
-
 def _reason(error: Exception) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
@@ -92,15 +84,16 @@ def _is_connection_error(error: Exception) -> bool:
 def push_folder(
     folder: Path, repo_id: str, private: bool = False, create_pr: bool = False, message: str | None = None
 ) -> str:
-    """create_repo (exist_ok) + one commit adding every file of `folder`; returns the commit's (or PR's) URL."""
-    from huggingface_hub import HfApi
+    """create_repo (exist_ok), then huggingface_hub's upload_folder: one commit, or with hf_xet installed a streamed
+    upload in several commits that a rerun resumes (a merged 7B is GBs); returns the commit's (or PR's) URL."""
+    from huggingface_hub import HfApi  # only pushes need the hub client
 
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", private=True if private else None, exist_ok=True)
-        info = api.create_commit(
-            repo_id,
-            operations=commit_operations(folder),
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
             commit_message=message or f"Upload {folder.name} with tlora",
             repo_type="model",
             create_pr=create_pr,

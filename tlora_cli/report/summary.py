@@ -20,7 +20,6 @@ LAYER = re.compile(r"\.(\d+)\.")
 
 @dataclass
 class InspectOptions(Options):
-    as_json: bool = option(False, "Print JSON instead of tables.", "--json")
     modules: bool = option(False, "Every module's rank, alpha, scaling and parameters, as a table.", "--modules")
     plot: Path | None = option(None, "Also draw rank and scaling per layer and type into this PNG (matplotlib).")
 

@@ -4,17 +4,23 @@ saved with what PEFT's own save leaves out."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from ..adapter.layout import METADATA, SIDECAR
+from ..adapter.layout import CONFIG, METADATA, SIDECAR
 from ..adapter.sidecar import RESIDUAL_A, read_sidecar, residual_factors, write_sidecar
 from ..directions import DASH_SIGMA, residual
 from ..errors import TloraError
-from ..jsonio import dump, maybe_object
+from ..exports import serving_block
+from ..jsonio import dump, maybe_object, read_object
+from ..names import published
+from ..outputs.card import write_card
+from .callback import KeepLoraAFrozen
 from .dash import attach_dash, dash_terms
 
+__all__ = ["KeepLoraAFrozen", "freeze_lora_a", "load_for_training", "save_trained", "to_residual_base"]
 RESIDUAL_MARK = "tlora_residual"  # the config attribute of a model whose targets hold W_res: {"id": ...}
 
 
@@ -88,15 +94,23 @@ def load_for_training(base_model: torch.nn.Module, adapter_dir: str | Path, free
 
 
 def save_trained(model: torch.nn.Module, folder: str | Path, initial: str | Path) -> None:
-    """`model.save_pretrained(folder)` plus what PEFT leaves out: the sidecar of the adapter `initial` it was loaded
-    from (`load_for_training`), with every Dash coefficient as trained, and tlora's metadata marked as trained.
-    `tlora export FOLDER --format lora` then needs no --initial."""
+    """`model.save_pretrained(folder)` plus what PEFT leaves out or rewrites: the sidecar of the adapter `initial`
+    it was loaded from (`load_for_training`), every Dash coefficient as trained; tlora's metadata, marked as trained;
+    the base's name as `initial` gives it (PEFT writes the path it loaded the base from), and tlora's card in place
+    of PEFT's placeholder. `tlora export FOLDER --format lora` then needs no --initial."""
     folder, initial = Path(folder), Path(initial)
     model.save_pretrained(folder)
     entries = read_sidecar(initial)
     for name, term in dash_terms(model).items():
         entries.setdefault(name, {})[DASH_SIGMA] = term.sigma.detach().float().cpu()
     write_sidecar(folder, entries)
+    base = (maybe_object(initial / CONFIG) or {}).get("base_model_name_or_path")
+    if base:
+        config = read_object(folder / CONFIG, "save the adapter again")
+        (folder / CONFIG).write_text(
+            json.dumps({**config, "base_model_name_or_path": base}, indent=2, sort_keys=True) + "\n"
+        )
     meta = maybe_object(initial / METADATA)
     if meta is not None:
-        (folder / METADATA).write_text(dump({**meta, "trained": {"from": initial.name}}))
+        (folder / METADATA).write_text(dump({**meta, "trained": {"from": published(initial.name)}}))
+        write_card(folder, name=folder.name, serving=serving_block())

@@ -65,7 +65,6 @@ class TrialOptions(Options):
     eval_samples: int = option(
         64, "Held-out samples carved from --data: never calibrated, pre-launched or trained on.", check=at_least(1)
     )
-    as_json: bool = option(False, "Print the result as one JSON object on stdout.", "--json")
 
     @property
     def method_names(self) -> list[str]:

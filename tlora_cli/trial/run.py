@@ -18,6 +18,7 @@ from ..methods.prelaunch import PrelaunchOptions
 from ..model.checkpoint import read_config
 from ..model.loading import load_model, load_tokenizer, pick_device, pick_dtype
 from ..model.resolve import ModelOptions, ModelSource
+from ..names import published
 from ..options import Options
 from ..outputs.atomic import OutputOptions, atomic_dir
 from ..outputs.ownership import TRIAL_BEST as BEST
@@ -143,7 +144,7 @@ def _settings(trial, calibration, allocation, source, names) -> dict:
         "seed": calibration.seed,
         "budget_rank": allocation.rank,
         "alpha": allocation.alpha_value,
-        "model": source.name,
+        "model": published(source.name),
     }
 
 

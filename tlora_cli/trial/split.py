@@ -10,6 +10,7 @@ from typing import Any
 from ..data import CalibrationSet, DataOptions, EncodedSample, load_calibration_set
 from ..errors import TloraError
 from ..methods.prelaunch import cycled
+from ..names import published
 
 
 @dataclass
@@ -20,9 +21,9 @@ class Split:
 
     def record(self) -> dict:
         return {
-            "source": self.pool.source,
+            "source": published(self.pool.source),
             "sha256": self.pool.sha256,
-            "heldout": self.heldout.wheres,
+            "heldout": [w.replace(self.pool.source, published(self.pool.source)) for w in self.heldout.wheres],
             "pool": len(self.pool.samples),
             "duplicates_dropped": self.duplicates_dropped,
         }
