@@ -268,10 +268,10 @@ def test_gate_refuses_a_non_finite_a(monkeypatch, run_cli, model, data, tmp_path
     real = pipeline.factorise
 
     def poisoned(*args, **kwargs):
-        matrices = real(*args, **kwargs)
-        name = sorted(matrices)[0]
-        matrices[name] = torch.full_like(matrices[name], float("nan"))
-        return matrices
+        starts = real(*args, **kwargs)
+        name = sorted(starts)[0]
+        starts[name].a = torch.full_like(starts[name].a, float("nan"))
+        return starts
 
     monkeypatch.setattr(pipeline, "factorise", poisoned)
     out = tmp_path / "adapter"
