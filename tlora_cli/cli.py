@@ -111,12 +111,6 @@ def _print_json(value: dict) -> None:
 @app.command("calibrate")
 @with_options(
     output=_out("Calibration directory to write."),
-    model=ModelOptions,
-    data=DataOptions,
-    calibration=CalibrationOptions,
-    recipe=RecipeOptions,
-    measure=MeasureOptions,
-    progress=ProgressOptions,
 )
 def calibrate_command(
     output: OutputOptions,
@@ -142,9 +136,6 @@ def calibrate_command(
 @app.command("allocate")
 @with_options(
     output=_out("Plan file (JSON) to write."),
-    allocation=AllocationOptions,
-    recipe=RecipeOptions,
-    progress=ProgressOptions,
 )
 def allocate_command(
     calibration_dir: Annotated[Path, typer.Argument(help="Directory written by `tlora calibrate`.")],
@@ -163,17 +154,7 @@ def allocate_command(
 @app.command("init")
 @with_options(
     output=_out("Adapter directory to write."),
-    model=ModelOptions,
-    data=DataOptions,
-    reuse=ReuseOptions,
-    calibration=CalibrationOptions,
-    allocation=AllocationOptions,
-    method=MethodOptions,
     method_options=OPTION_CLASSES,
-    recipe=RecipeOptions,
-    publish=PublishOptions,
-    progress=ProgressOptions,
-    report=ReportOptions,
 )
 def init_command(
     output: OutputOptions,
@@ -212,14 +193,9 @@ def init_command(
 @app.command("trial")
 @with_options(
     output=_out("Trial folder to write: trial.json, loss_curves.png and best/ (the winning start)."),
-    model=ModelOptions,
-    data=DataOptions,
     calibration=Pick(CalibrationOptions, only=("num_samples", "seq_len", "target_modules", "device", "dtype", "seed")),
     allocation=Pick(AllocationOptions, only=("budget_rank", "alpha")),
-    trial=TrialOptions,
     method_options=OPTION_CLASSES,
-    progress=ProgressOptions,
-    report=ReportOptions,
 )
 def trial_command(
     output: OutputOptions,
@@ -267,9 +243,7 @@ def data_list_command() -> None:
 
 @data_app.command("show")
 @with_options(
-    model=ModelOptions,
     reading=Pick(DataOptions, only=tuple(f.name for f in dataclasses.fields(DataOptions) if f.name != "data")),
-    show=ShowOptions,
     calibration=Pick(CalibrationOptions, only=("seq_len", "seed")),
 )
 def data_show_command(
@@ -293,7 +267,7 @@ def data_show_command(
 
 
 @app.command("inspect")
-@with_options(inspect=InspectOptions, report=ReportOptions)
+@with_options()
 def inspect_command(
     adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory written by `tlora init`.")],
     inspect: InspectOptions,
@@ -316,13 +290,9 @@ def inspect_command(
 @app.command("export")
 @with_options(
     output=_out("Folder to write."),
-    options=ExportOptions,
     model=Pick(
         ModelOptions, helps={"model": "merged: the base model folder or hub id. Default: the one the adapter names."}
     ),
-    publish=PublishOptions,
-    progress=ProgressOptions,
-    report=ReportOptions,
 )
 def export_command(
     adapter_dir: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter directory (tlora's, or a trained one).")],

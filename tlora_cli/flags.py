@@ -1,8 +1,8 @@
 """Command-line flags generated from the options classes (options.py), so that each is declared once.
 
-`with_options(output=OutputOptions, ...)` gives a Typer command every flag of those classes in place of the named
-parameters, and calls it with an instance of each class built by keyword. A list of classes stands for a dict of
-instances by class (the method options of `tlora init`).
+`with_options()` gives a Typer command, in place of each parameter typed with an options class, every flag of that
+class, and calls it with an instance built by keyword. A keyword picks part of a class (`Pick`), or stands a list of
+classes for a dict of instances by class (the method options of `tlora init`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .options import flag_fields, flag_of
+from .options import Options, flag_fields, flag_of
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,10 @@ class Pick:
 
 
 Group = type | Pick | Sequence[type]
+
+
+def _is_group(param: inspect.Parameter, overrides: dict) -> bool:
+    return param.name in overrides or (isinstance(param.annotation, type) and issubclass(param.annotation, Options))
 
 
 def _picks(group: Group) -> list[Pick]:
@@ -74,13 +78,16 @@ def parameters(pick: Pick) -> list[inspect.Parameter]:
     return params
 
 
-def with_options(**groups: Group) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Replace the command's parameters named in `groups` by the flags of their options classes."""
+def with_options(**overrides: Group) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace each parameter of the command typed with an options class by that class's flags (or by what
+    `overrides` gives for it: a Pick, or several classes for a dict of instances by class)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         members: dict[str, list[tuple[type, list[str]]]] = {}
         params: list[inspect.Parameter] = []
-        for param in inspect.signature(command, eval_str=True).parameters.values():
+        signature = inspect.signature(command, eval_str=True).parameters.values()
+        groups = {p.name: overrides.get(p.name, p.annotation) for p in signature if _is_group(p, overrides)}
+        for param in signature:
             if param.name not in groups:
                 params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
                 continue
