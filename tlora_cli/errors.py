@@ -20,3 +20,12 @@ class Stopped(TloraError):
 
 class Lost(Stopped):
     """A collective's partner is gone: killed, crashed, or silent past the timeout."""
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """A network failure, whichever HTTP client huggingface_hub uses (requests, httpx, httpx2): judged by the error's
+    class names, as the client is not ours to import."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(
+        names & {"ConnectionError", "ConnectError", "ConnectTimeout", "TimeoutError", "TransportError", "Timeout"}
+    )

@@ -7,12 +7,13 @@ is read as a local folder: `datasets` does not look there by itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import TloraError
+from ..errors import TloraError, is_connection_error
 
 # Above this many bytes to download (when the dataset card says), a split is streamed rather than prepared.
 STREAM_ABOVE_BYTES = 2**30
@@ -51,9 +52,10 @@ def open_split(path: str, configs: Sequence[str | None], split: str, streaming: 
     """
     import datasets
 
-    parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
-    for config in configs[1:]:  # read alike: the first config decided whether to stream
-        parts.append(_open_one(path, config, split, parts[0].streaming, label))
+    with contextlib.nullcontext() if Path(path).exists() else offline_unless_answered(path):
+        parts = [_open_one(path, configs[0] if configs else None, split, streaming, label)]
+        for config in configs[1:]:  # read alike: the first config decided whether to stream
+            parts.append(_open_one(path, config, split, parts[0].streaming, label))
     if len(parts) == 1:
         return parts[0]
     counts = [part.num_rows for part in parts]
@@ -63,6 +65,31 @@ def open_split(path: str, configs: Sequence[str | None], split: str, streaming: 
         parts[0].revision,
         None if None in counts else sum(counts),
     )
+
+
+@contextlib.contextmanager
+def offline_unless_answered(hub_id: str) -> Iterator[None]:
+    """`datasets` retries a hub it cannot reach five times with back-off (about 23 s, a warning each) before it
+    reads its cache. One call of huggingface_hub's API, which does not retry, asks first: when the hub does not
+    answer, `datasets` runs in its own offline mode for the block (its cache at once); when it answers, as it is."""
+    import datasets.config
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    answered = True
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            HfApi().dataset_info(hub_id)
+        except (OfflineModeIsEnabled, HfHubHTTPError, ValueError):
+            pass  # an answer (404, gated, a bad id): `datasets` says what it is
+        except Exception as e:  # the HTTP client's own connection errors, whichever client huggingface_hub uses
+            answered = not is_connection_error(e)
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or not answered
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def cached_snapshot(hub_id: str) -> Path | None:

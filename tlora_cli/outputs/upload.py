@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import TloraError
+from ..errors import TloraError, is_connection_error
 from ..options import Options, option
 
 
@@ -67,18 +67,11 @@ def _reason(error: Exception) -> str:
             return f"not authorised ({status}): log in with `hf auth login` or set HF_TOKEN to a token that can write"
     text = str(error).strip().splitlines()
     detail = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    if _is_connection_error(error):
+    if is_connection_error(error):
         from huggingface_hub import constants
 
         return f"cannot reach {constants.ENDPOINT} ({detail})"
     return detail
-
-
-def _is_connection_error(error: Exception) -> bool:
-    """A network failure, whichever HTTP client huggingface_hub uses (requests, httpx, httpx2): judged by the
-    error's class names, as the client is not ours to import."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    return bool(names & {"ConnectionError", "TimeoutError", "TransportError", "Timeout"})
 
 
 def push_folder(
