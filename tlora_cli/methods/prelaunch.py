@@ -20,7 +20,7 @@ from ..model.loading import load_model, load_tokenizer, pick_device, pick_dtype
 from ..model.targets import Target, find_targets, parse_suffixes
 from ..options import Options, at_least, option, positive
 from ..train import memory
-from ..train.loop import Schedule, train
+from ..train.loop import Plan, Schedule, train
 from ..train.lora import LoraWeights, attached, kaiming_start
 from .base import ModuleInit, Preparation, Prepared
 
@@ -68,13 +68,7 @@ def prelaunch(p: Preparation) -> Prepared:
     batch = options.value("prelaunch_batch_size")
     device = pick_device(p.calibration.device)
     dtype = pick_dtype(p.calibration.dtype, p.source.path, device)
-    calib_set = p.samples
-    if calib_set is None:
-        with p.reporter.phase("data", "Reading the pre-launch data"):
-            tokenizer = load_tokenizer(p.source.path)
-            calib_set = load_calibration_set(
-                p.data, tokenizer, steps * batch, p.calibration.seq_len, p.calibration.seed
-            )
+    calib_set = _samples(p, steps * batch)
     order = cycled(len(calib_set.samples), steps * batch, p.calibration.seed)
     batches = [[calib_set.samples[i] for i in order[k * batch : (k + 1) * batch]] for k in range(steps)]
     model = p.model
@@ -84,28 +78,18 @@ def prelaunch(p: Preparation) -> Prepared:
     suffixes = parse_suffixes(p.calibration.target_modules, read_config(p.source.path).get("model_type", ""))
     targets = find_targets(model, suffixes)
     weights = {t.name: kaiming_start(t.name, t.shape, p.rank, p.alpha, p.calibration.seed).to(device) for t in targets}
-    trained = sum(w.a.numel() + w.b.numel() for w in weights.values())
-    size = ModelSize.of(read_config(p.source.path), p.source.checkpoint.num_elements())
-    share = len(p.dist.share(batch))
-    plan = memory.plan(
-        size, free_memory(device), share, p.calibration.seq_len, dtype.itemsize, trained, batch_limit(device), device
-    )
+    plan = _plan(p, weights, share=len(p.dist.share(batch)), dtype=dtype, device=device)
     p.reporter.info(
         f"pre-launch: {steps} steps of {batch} samples ({len(calib_set.samples)} distinct), rate {lr:g} warmed up over "
         f"the steps; micro-batch {plan.micro_batch} ({plan.reason})"
     )
-    modules = dict(model.named_modules())
     parameters = [t for w in weights.values() for t in (w.a, w.b)]
-    with attached(modules, weights), p.reporter.phase("prelaunch", "Pre-launch LoRA", steps) as step:
-        losses = train(
-            model,
-            parameters,
-            batches,
-            Schedule(steps, lr, warmup=steps),
-            plan,
-            p.dist,
-            lambda loss: step(description=f"Pre-launch LoRA (loss {loss:.4f})"),
-        )
+    with (
+        attached(dict(model.named_modules()), weights),
+        p.reporter.phase("prelaunch", "Pre-launch LoRA", steps) as step,
+    ):
+        shown = lambda loss: step(description=f"Pre-launch LoRA (loss {loss:.4f})")  # noqa: E731
+        losses = train(model, parameters, batches, Schedule(steps, lr, warmup=steps), plan, p.dist, shown)
     state = {name: LoraWeights(w.a.detach().cpu(), w.b.detach().cpu(), w.scaling) for name, w in weights.items()}
     record = {
         "steps": steps,
@@ -121,6 +105,23 @@ def prelaunch(p: Preparation) -> Prepared:
     calibration = _record(p, calib_set, targets, suffixes, device, dtype, record)
     side = prelaunch_adapter(state) if options.save_prelaunch is not None else None
     return Prepared(calibration, weights_from_model(model), state, side)
+
+
+def _samples(p: Preparation, count: int):
+    """The samples given, or `count` of --data, encoded as the calibration set is."""
+    if p.samples is not None:
+        return p.samples
+    with p.reporter.phase("data", "Reading the pre-launch data"):
+        tokenizer = load_tokenizer(p.source.path)
+        return load_calibration_set(p.data, tokenizer, count, p.calibration.seq_len, p.calibration.seed)
+
+
+def _plan(p: Preparation, weights: dict[str, LoraWeights], share: int, dtype: torch.dtype, device: str) -> Plan:
+    """How this rank's share of a batch runs, from the model's size and the device's free memory."""
+    trained = sum(w.a.numel() + w.b.numel() for w in weights.values())
+    size = ModelSize.of(read_config(p.source.path), p.source.checkpoint.num_elements())
+    limit = batch_limit(device)
+    return memory.plan(size, free_memory(device), share, p.calibration.seq_len, dtype.itemsize, trained, limit, device)
 
 
 def _record(
