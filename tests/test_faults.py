@@ -4,6 +4,7 @@ byte-for-byte as it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -268,10 +269,10 @@ def test_gate_refuses_a_non_finite_a(monkeypatch, run_cli, model, data, tmp_path
     real = pipeline.factorise
 
     def poisoned(*args, **kwargs):
-        matrices = real(*args, **kwargs)
-        name = sorted(matrices)[0]
-        matrices[name] = torch.full_like(matrices[name], float("nan"))
-        return matrices
+        inits = real(*args, **kwargs)
+        name = sorted(inits)[0]
+        inits[name] = dataclasses.replace(inits[name], a=torch.full_like(inits[name].a, float("nan")))
+        return inits
 
     monkeypatch.setattr(pipeline, "factorise", poisoned)
     out = tmp_path / "adapter"
@@ -646,7 +647,7 @@ def test_overwrite_without_an_atomic_exchange(run_cli, model, data, tmp_path, mo
     """Where renameat2 is missing, the two-rename fallback still ends with the new OUT and no debris."""
     out = tmp_path / "adapter"
     assert run_cli(*init_args(model, data, out)).code == 0
-    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(output, "_renameat2", lambda a, b, flags: None)
     assert run_cli(*init_args(model, data, out, "--overwrite", "--budget-rank", "4")).code == 0
     assert json.loads((out / "tlora_metadata.json").read_text())["allocation"]["budget_rank"] == 4
     no_debris(tmp_path)
