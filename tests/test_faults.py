@@ -646,7 +646,7 @@ def test_overwrite_without_an_atomic_exchange(run_cli, model, data, tmp_path, mo
     """Where renameat2 is missing, the two-rename fallback still ends with the new OUT and no debris."""
     out = tmp_path / "adapter"
     assert run_cli(*init_args(model, data, out)).code == 0
-    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(output, "_renameat2", lambda a, b, flags: None)
     assert run_cli(*init_args(model, data, out, "--overwrite", "--budget-rank", "4")).code == 0
     assert json.loads((out / "tlora_metadata.json").read_text())["allocation"]["budget_rank"] == 4
     no_debris(tmp_path)

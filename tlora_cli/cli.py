@@ -32,14 +32,14 @@ from .methods import OPTION_CLASSES, MethodOptions
 from .model.loading import load_tokenizer
 from .model.resolve import ModelOptions, resolve_model
 from .options import Options
-from .outputs.atomic import COMMITTED, OutputOptions
+from .outputs.atomic import COMMITTED, OutputOptions, atomic_file
 from .outputs.card import command_line
 from .outputs.upload import PublishOptions, push_folder
 from .pipeline import ReuseOptions, run_allocate, run_calibrate, run_init
 from .plan import AllocationOptions
 from .progress import ProgressOptions, Reporter, ReportOptions
 from .recipe import RecipeOptions
-from .report.picture import print_picture, write_plot
+from .report.picture import plot_format, print_picture, write_plot
 from .report.summary import InspectOptions, print_summary, summarise
 from .trial.options import TrialOptions
 from .trial.report import table as trial_table
@@ -276,7 +276,9 @@ def inspect_command(
     """Where the budget went: a rank and scaling heatmap (layers x module types) and totals against uniform LoRA."""
     summary = summarise(adapter_dir)
     if inspect.plot is not None:
-        write_plot(summary, inspect.plot)
+        fmt = plot_format(inspect.plot)
+        with atomic_file(inspect.plot, inspect.overwrite, "picture", (("ADAPTER", adapter_dir),)) as tmp:
+            write_plot(summary, tmp, Path(summary["adapter"]).name, fmt)
     if report.as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     elif inspect.modules:
@@ -311,8 +313,8 @@ def export_command(
     reporter.info(
         f"wrote {output.out}: {options.format} export of {written.modules} modules, largest rank {written.rank}"
     )
-    for warning in written.warnings:
-        reporter.warn(warning)
+    for warning in written.warnings:  # a wrong base, a term left out: the output may not be what was wanted
+        reporter.warn(warning, protects=True)
     for hint in written.hints:
         reporter.info(hint)
     pushed = _publish(publish, output.out, reporter)

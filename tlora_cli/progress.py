@@ -32,13 +32,17 @@ class Reporter:
     def __init__(self, quiet: bool = False) -> None:
         # Under torchrun only rank 0 talks: K copies of every bar and line would say nothing more.
         self.console = Console(stderr=True, quiet=quiet or not is_main_process(), soft_wrap=True)
+        self.loud = Console(stderr=True, quiet=not is_main_process(), soft_wrap=True)  # -q does not silence it
         self.timings: dict[str, float] = {}
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)
 
-    def warn(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    def warn(self, message: str, protects: bool = False) -> None:
+        """A warning; one that `protects` a result (the output may be wrong: a base other than the adapter's) is
+        printed under -q too."""
+        console = self.loud if protects else self.console
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     @contextmanager
     def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:

@@ -14,10 +14,13 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import TloraError
 from ..jsonio import read_object
+from ..model.checkpoint import header_problem
+from .gate import cast
 from .layout import CONFIG, METADATA, WEIGHTS
 
 KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<part>[AB])\.weight$")
 DEFAULT_RANK, DEFAULT_ALPHA = 8, 8  # LoraConfig's defaults, for a config that leaves r or lora_alpha out
+WIDER = "the adapter's dtype cannot hold it: export a copy of the adapter saved in float32"
 
 
 def model_order(name: str) -> list:
@@ -58,8 +61,10 @@ class LoraModule:
     b: torch.Tensor | None = None
 
     def scaled_b(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """s_i B in float32, then in `dtype` (default B's own): the B a server with scaling 1 must see."""
-        return (self.b.float() * self.scaling).to(dtype or self.b.dtype).contiguous()
+        """s_i B in float32, then in `dtype` (default B's own) through the tensor gate: the B a server with scaling 1
+        must see."""
+        name = f"{self.name}'s lora_B times its scaling {self.scaling:.3g}"
+        return cast(self.b.float() * self.scaling, dtype or self.b.dtype, name, WIDER).contiguous()
 
     def delta(self) -> torch.Tensor:
         """s_i B A in float32: what PEFT adds to W."""
@@ -86,34 +91,32 @@ def read_config(folder: Path) -> dict:
 
 
 def read_adapter(folder: Path, tensors: bool = True) -> PeftAdapter:
-    """The adapter in `folder`; without `tensors`, shapes come from the safetensors header alone."""
+    """The adapter in `folder`, checked against itself (consistency gate): every rank a whole number of at least 1,
+    every alpha finite, every pattern key a regex, A and B floating point of matching shapes, and every module the
+    config names by its path present in the weights. Without `tensors`, shapes come from the header alone."""
     config = read_config(folder)
     parts = _read_parts(folder / WEIGHTS, tensors)
     if not parts:
         raise TloraError(f"{folder / WEIGHTS} holds no LoRA weights")
     rslora = bool(config.get("use_rslora"))
-    rank_pattern, alpha_pattern = _pattern(config, "rank_pattern"), _pattern(config, "alpha_pattern")
-    order = config.get("target_modules") if isinstance(config.get("target_modules"), list) else []
+    rank_pattern, alpha_pattern = _pattern(config, "rank_pattern", True), _pattern(config, "alpha_pattern", False)
+    default_rank = _number(config.get("r", DEFAULT_RANK), "r", True)
+    default_alpha = _number(config.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", False)
+    order = _targets(config)
     position = {name: i for i, name in enumerate(order)}
     modules = []
     for name in sorted(parts, key=lambda n: (position.get(n, len(order)), model_order(n))):
-        got = parts[name]
-        if set(got) != {"A", "B"}:
-            raise TloraError(f"{folder / WEIGHTS}: {name} lacks lora_{'B' if 'A' in got else 'A'}")
-        a, b = got["A"], got["B"]
-        a_shape, b_shape = _shape(a), _shape(b)
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise TloraError(f"{folder / WEIGHTS}: {name} has A {a_shape} and B {b_shape}, not r x in and out x r")
+        a, b = _factors(folder / WEIGHTS, name, parts[name])
         rank_key, alpha_key = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
-        rank = rank_pattern[rank_key] if rank_key is not None else config.get("r", DEFAULT_RANK)
-        alpha = alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", DEFAULT_ALPHA)
-        rank, alpha = int(rank), float(alpha)
-        if rank != a_shape[0]:
-            raise TloraError(f"{folder / CONFIG} gives {name} rank {rank} but its A has {a_shape[0]} rows")
-        loaded = (a, b) if tensors else (None, None)
+        rank = rank_pattern[rank_key] if rank_key is not None else default_rank
+        alpha = float(alpha_pattern[alpha_key] if alpha_key is not None else default_alpha)
+        if rank != a.shape[0]:
+            raise TloraError(f"{folder / CONFIG} gives {name} rank {rank} but its A has {a.shape[0]} rows")
+        loaded = (a.tensor, b.tensor) if tensors else (None, None)
         modules.append(
-            LoraModule(name, rank, alpha, peft_scaling(alpha, rank, rslora), b_shape[0], a_shape[1], *loaded)
+            LoraModule(name, rank, alpha, peft_scaling(alpha, rank, rslora), b.shape[0], a.shape[1], *loaded)
         )
+    _check_named([*order, *rank_pattern, *alpha_pattern], [m.name for m in modules], folder)
     meta = folder / METADATA
     metadata = (
         read_object(meta, f"rewrite the adapter with `tlora init`, or remove {METADATA}") if meta.exists() else {}
@@ -121,29 +124,106 @@ def read_adapter(folder: Path, tensors: bool = True) -> PeftAdapter:
     return PeftAdapter(folder, config, modules, metadata)
 
 
-def _pattern(config: dict, field: str) -> dict:
-    value = config.get(field) or {}
-    if not isinstance(value, dict):
-        raise TloraError(f"{CONFIG}'s {field} is a {type(value).__name__}, not a mapping of module names to numbers")
+@dataclass
+class Part:
+    """One lora_A or lora_B weight as read: shape and safetensors dtype (F32, BF16, I64, ...), the tensor if read."""
+
+    shape: list[int]
+    dtype: str
+    tensor: torch.Tensor | None
+
+
+def _factors(path: Path, name: str, got: dict[str, Part]) -> tuple[Part, Part]:
+    """A module's A (r x in) and B (out x r), both present, floating point and of shapes that fit together."""
+    if set(got) != {"A", "B"}:
+        raise TloraError(f"{path}: {name} lacks lora_{'B' if 'A' in got else 'A'}")
+    a, b = got["A"], got["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+        raise TloraError(f"{path}: {name} has A {a.shape} and B {b.shape}, not r x in and out x r")
+    for part, piece in (("A", a), ("B", b)):
+        if not piece.dtype.startswith(("F", "BF")):
+            raise TloraError(
+                f"{path}: {name}'s lora_{part} is {piece.dtype}, not a floating-point tensor: a LoRA weight is "
+                "float32, bfloat16 or float16; save the adapter again"
+            )
+        if piece.tensor is not None and not bool(torch.isfinite(piece.tensor).all()):
+            raise TloraError(f"{path}: {name}'s lora_{part} holds NaN or inf values: the training that saved it failed")
+    return a, b
+
+
+def _number(value: object, where: str, rank: bool) -> int | float:
+    """A rank (a whole number of at least 1) or an alpha (a finite number) from adapter_config.json, or one line."""
+    if rank:
+        ok, wanted = isinstance(value, int) and value >= 1, "a whole number of at least 1"
+    else:
+        ok, wanted = isinstance(value, (int, float)) and _finite(value), "a finite number"
+    if not ok or isinstance(value, bool):
+        raise TloraError(f"{CONFIG}'s {where} is {value!r}, which is not {wanted}: fix it, or save the adapter again")
     return value
 
 
-def _shape(part: torch.Tensor | list[int]) -> list[int]:
-    return list(part.shape) if isinstance(part, torch.Tensor) else part
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
-def _read_parts(path: Path, tensors: bool) -> dict[str, dict[str, torch.Tensor | list[int]]]:
-    """Per module, lora_A and lora_B: the tensors, or their shapes from the header."""
-    parts: dict[str, dict[str, torch.Tensor | list[int]]] = {}
+def _pattern(config: dict, field: str, rank: bool) -> dict:
+    """rank_pattern or alpha_pattern: a mapping of valid regexes to ranks (or alphas)."""
+    value = config.get(field) or {}
+    if not isinstance(value, dict):
+        raise TloraError(f"{CONFIG}'s {field} is a {type(value).__name__}, not a mapping of module names to numbers")
+    for key, number in value.items():
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise TloraError(f"{CONFIG}'s {field} key {key!r} is not a valid regular expression ({e})") from e
+        _number(number, f"{field} entry {key!r}", rank)
+    return value
+
+
+def _targets(config: dict) -> list[str]:
+    """target_modules as a list of names ([] for PEFT's regex form or none)."""
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        return []
+    odd = [t for t in targets if not isinstance(t, str)]
+    if odd:
+        raise TloraError(f"{CONFIG}'s target_modules holds {odd[0]!r}, which is not a module name")
+    return targets
+
+
+# A module named by its path, with its layer index (model.layers.0.self_attn.q_proj), not a short name or a regex.
+MODULE_PATH = re.compile(r"[\w.]*(?:^|\.)\d+\.[\w.]+")
+
+
+def _check_named(entries: list[str], names: list[str], folder: Path) -> None:
+    """Every module the config names by its path has weights: one it names that the file lacks means the two do not
+    belong together. Short names (q_proj) and regexes may match nothing, as PEFT allows."""
+    for entry in entries:
+        if MODULE_PATH.fullmatch(entry) and not any(n == entry or n.endswith("." + entry) for n in names):
+            raise TloraError(
+                f"{folder / CONFIG} names {entry}, but {WEIGHTS} holds no weights for it: the config and the weights "
+                "do not belong together; save the adapter again"
+            )
+
+
+def _read_parts(path: Path, tensors: bool) -> dict[str, dict[str, Part]]:
+    """Per module, lora_A and lora_B: shape and dtype from the header, and the tensors when asked for."""
+    problem = header_problem(path)
+    if problem:
+        raise TloraError(f"cannot read {path}: {problem}")
+    parts: dict[str, dict[str, Part]] = {}
     try:
         with safe_open(path, "pt") as f:
             for key in f.keys():  # noqa: SIM118
                 m = KEY.match(key)
                 if not m:
                     raise TloraError(f"{path} holds {key}, which is not a LoRA A/B weight of a PEFT adapter")
-                parts.setdefault(m["name"], {})[m["part"]] = (
-                    f.get_tensor(key) if tensors else list(f.get_slice(key).get_shape())
-                )
+                piece = f.get_slice(key)
+                tensor = f.get_tensor(key) if tensors else None
+                parts.setdefault(m["name"], {})[m["part"]] = Part(list(piece.get_shape()), piece.get_dtype(), tensor)
     except (OSError, RuntimeError, SafetensorError) as e:  # safetensors raises its own error types on bad files
         raise TloraError(f"cannot read {path}: {e}".splitlines()[0]) from e
     return parts

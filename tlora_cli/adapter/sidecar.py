@@ -11,6 +11,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import TloraError
+from ..model.checkpoint import header_problem
+from .gate import check_written
 from .layout import SIDECAR
 
 RESIDUAL_A, RESIDUAL_B, RESIDUAL_SCALING = "residual_A", "residual_B", "residual_scaling"
@@ -20,6 +22,7 @@ def write_sidecar(folder: Path, entries: dict[str, dict[str, torch.Tensor]]) -> 
     """Nothing is written when no module has an entry (the methods whose adapter PEFT's format holds whole)."""
     # clones: directions are views of one ranking, which safetensors refuses to save as shared memory
     tensors = {f"{name}.{field}": t.clone() for name, fields in entries.items() for field, t in fields.items()}
+    check_written(tensors, SIDECAR, "the method, or the training, that made it diverged")
     if tensors:
         save_file(tensors, folder / SIDECAR, metadata={"format": "pt"})
 
@@ -29,6 +32,9 @@ def read_sidecar(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     path = folder / SIDECAR
     if not path.exists():
         return {}
+    problem = header_problem(path)
+    if problem:
+        raise TloraError(f"cannot read {path}: {problem}; rewrite the adapter with `tlora init`")
     entries: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(path, "pt") as f:
@@ -40,12 +46,21 @@ def read_sidecar(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return entries
 
 
-def residual_factors(entry: dict[str, torch.Tensor], name: str, path: Path) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(A0, B0, s) of one module of a residual adapter: W_res = W - s B0 A0."""
+def residual_factors(
+    entry: dict[str, torch.Tensor], name: str, path: Path, shape: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A0, B0, s) of one module of a residual adapter: W_res = W - s B0 A0, with B0 A0 of the module's `shape`."""
     missing = [f for f in (RESIDUAL_A, RESIDUAL_B, RESIDUAL_SCALING) if f not in entry]
     if missing:
         raise TloraError(f"{path / SIDECAR} lacks {name}.{missing[0]}: rewrite the adapter with `tlora init`")
-    return entry[RESIDUAL_A], entry[RESIDUAL_B], float(entry[RESIDUAL_SCALING])
+    a0, b0, scaling = entry[RESIDUAL_A], entry[RESIDUAL_B], entry[RESIDUAL_SCALING]
+    fits = a0.dim() == 2 and b0.dim() == 2 and b0.shape[1] == a0.shape[0] and scaling.numel() == 1
+    if not fits or (shape is not None and (b0.shape[0], a0.shape[1]) != tuple(shape)):
+        raise TloraError(
+            f"{path / SIDECAR}: {name}'s residual factors B0 {list(b0.shape)} and A0 {list(a0.shape)} do not make "
+            f"its {list(shape) if shape else 'out x in'} weight: rewrite the adapter with `tlora init`"
+        )
+    return a0, b0, float(scaling)
 
 
 def residual_record(folder: Path) -> dict:

@@ -12,6 +12,7 @@ from ..allocation import ModuleAllocation, check_allocations_finite
 from ..errors import TloraError
 from ..jsonio import dump
 from ..methods.base import ModuleInit
+from .gate import cast, check_scaling
 from .layout import CONFIG, METADATA, WEIGHTS
 from .peft import tensor_key
 from .sidecar import RESIDUAL_A, RESIDUAL_B, RESIDUAL_SCALING, write_sidecar
@@ -42,37 +43,29 @@ def adapter_config(allocations: list[ModuleAllocation], base_model: str) -> dict
     }
 
 
+# What to change when a factor the method built holds a NaN or inf.
+DIVERGED = "change --damping, --lora-da-beta or --lora-da-population (lora-da), lower --prelaunch-lr, or recalibrate"
+
+
 def adapter_tensors(
     allocations: list[ModuleAllocation], inits: dict[str, ModuleInit], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
+    """A and B of every adapted module in the adapter's dtype, through the tensor gate (gate.py): a NaN or inf, a
+    value beyond the dtype or a scaling that overflows it is refused before anything is written."""
+    check_allocations_finite(allocations)
     tensors = {}
     for a in allocations:
         if not a.rank:
             continue
         start = inits[a.name]
         b = torch.zeros(a.out_features, a.rank) if start.b is None else start.b
-        tensors[tensor_key(a.name, "A")] = start.a.to("cpu", dtype).contiguous()
-        tensors[tensor_key(a.name, "B")] = b.to("cpu", dtype).contiguous()
+        for part, value in (("A", start.a), ("B", b)):
+            if not bool(torch.isfinite(value).all()):
+                raise TloraError(f"the {part} matrix of {a.name} holds NaN or inf values: {DIVERGED}")
+            name = f"the {part} matrix of {a.name}"
+            tensors[tensor_key(a.name, part)] = cast(value.to("cpu"), dtype, name, "pass --dtype float32").contiguous()
+        check_scaling(a.name, a.scaling, b, dtype, "--alpha (or the plan's alpha)")
     return tensors
-
-
-def check_finite(
-    allocations: list[ModuleAllocation], inits: dict[str, ModuleInit], tensors: dict[str, torch.Tensor]
-) -> None:
-    """The gate before anything is written: a NaN or inf anywhere makes PEFT output NaN."""
-    check_allocations_finite(allocations)
-    for a in allocations:
-        if not a.rank:
-            continue
-        start = inits[a.name]
-        for part, value in (("A", start.a), ("B", start.b)):
-            if value is not None and not bool(torch.isfinite(value).all()):
-                raise TloraError(
-                    f"the {part} matrix of {a.name} holds NaN or inf values: change --damping, --lora-da-beta or "
-                    "--lora-da-population (lora-da), lower --prelaunch-lr, or recalibrate"
-                )
-            if not bool(torch.isfinite(tensors[tensor_key(a.name, part)]).all()):
-                raise TloraError(f"the {part} matrix of {a.name} overflows the adapter's dtype: pass --dtype float32")
 
 
 def write_adapter(
@@ -86,7 +79,6 @@ def write_adapter(
     """Deterministic bytes: same inputs, same files (sorted keys, no timestamps in the adapter). A `residual`
     adapter's sidecar keeps the factors as written (A0, B0 in the adapter's dtype) and s: W_res = W - s B0 A0."""
     tensors = adapter_tensors(allocations, inits, dtype)
-    check_finite(allocations, inits, tensors)
     save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
     config = adapter_config(allocations, base_model)
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

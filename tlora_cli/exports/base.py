@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..adapter.gate import check_written
 from ..adapter.layout import CONFIG, METADATA, WEIGHTS
 from ..adapter.peft import PeftAdapter
 from ..adapter.sidecar import RESIDUAL_A, read_sidecar
@@ -29,7 +30,8 @@ from ..outputs.card import write_card
 @dataclass
 class ExportJob:
     """One export: the adapter read (with its tensors), the temp folder to fill, the final OUT, the flags (`rank`
-    for padded, `initial` for lora, `model` for the formats that read the base)."""
+    for padded, `initial` for lora, `model` for the formats that read the base) and, for those, the base folder
+    resolved before OUT was checked (it is an input OUT may not be, contain or lie in) and its hub id."""
 
     adapter: PeftAdapter
     folder: Path
@@ -40,6 +42,8 @@ class ExportJob:
     dtype: torch.dtype | None = None  # None: the source's own
     command: str | None = None
     on_shard: Callable[[str], None] | None = None
+    base: Path | None = None
+    base_hub_id: str | None = None
 
 
 @dataclass
@@ -56,7 +60,8 @@ class Written:
 class ExportFormat:
     """One `--format`. `reads`: the export flags it takes beyond --format (the others are refused with it);
     `serve`: its line in an adapter card's "Serving it" block; `kind`: what ownership calls its output;
-    `residual`: whether it takes a residual adapter (LoRA-Init's, whose base is not the model) at all."""
+    `residual`: whether it takes a residual adapter (LoRA-Init's, whose base is not the model) at all; `check`:
+    what it refuses of an adapter, run before a base model is resolved (or downloaded)."""
 
     name: str
     help: str
@@ -65,6 +70,7 @@ class ExportFormat:
     kind: str = "adapter"
     reads: frozenset[str] = frozenset()
     residual: bool = False
+    check: Callable[[PeftAdapter], object] | None = None
 
 
 def base_config(config: dict) -> dict:
@@ -86,6 +92,7 @@ def write_lora(
 ) -> None:
     """An adapter export's files: weights, config, tlora's metadata (when the adapter has it; without the `drop`
     fields, which no longer hold) with how the export was made, and a card that says what `fmt` did (`note`)."""
+    check_written(tensors, WEIGHTS, "check the adapter, and the training that saved it")
     save_file(tensors, job.folder / WEIGHTS, metadata={"format": "pt"})
     (job.folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     export = {"format": fmt, "from": published(str(job.adapter.folder.resolve())), "rank": config["r"]}

@@ -1,9 +1,10 @@
-"""A base checkpoint written again with some of its weights changed, shard by shard under the base's own shard names
-and index (one shard in memory at a time), with its config, tokenizer and small files beside them."""
+"""A base checkpoint written again with some of its weights changed, shard by shard under the base's own shard paths
+and index (one shard in memory at a time), with the files a checkpoint needs beside them (config, tokenizer)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +12,40 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..adapter.gate import cast
 from ..errors import TloraError
 from ..model.checkpoint import Checkpoint, open_shard
 
-# Files of a model folder that are weights in another format, or not ours to copy into a written checkpoint.
-SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
-SKIP_NAMES = {"README.md", ".gitattributes", "tlora-conversion.json"}
+# The files of a model folder that a checkpoint needs besides its weights; nothing else is copied (a stray file, or a
+# link to a private key, must never land in an output that --push-to-hub publishes).
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "qwen.tiktoken",
+    "tiktoken.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENSE.md",
+    "NOTICE",
+    "USE_POLICY.md",
+)
+CHAT_TEMPLATES = "additional_chat_templates"  # transformers' folder of named chat templates (*.jinja)
+# The new value of a changed weight, computed in float32 from the base's; the tensor gate writes it in the base's dtype.
 Change = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -24,19 +53,23 @@ def write_checkpoint(
     base: Path,
     folder: Path,
     changes: dict[str, tuple[list[int], Change]],
+    advice: str,
     on_shard: Callable[[str], None] | None = None,
     dtype: torch.dtype | None = None,
 ) -> None:
     """`changes`: per weight name, the shape it must have and the function that gives its new value (in float32 or
-    wider). Every floating tensor is written in `dtype` (None: each in its own), and config.json says so."""
+    wider); `advice`: what to do when a new value does not fit the dtype written. Every floating tensor is written in
+    `dtype` (None: each in its own), and config.json says so. Shards keep their paths relative to the base (an index
+    may put them in subfolders)."""
     checkpoint = Checkpoint(base)
     _check_base(checkpoint, changes, base)
     by_file: dict[Path, list[str]] = {}
     for name, file in checkpoint.files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
+        relative = file.relative_to(base)
         if on_shard:
-            on_shard(file.name)
+            on_shard(relative.as_posix())
         tensors = {}
         with open_shard(file) as f:
             for name in names:
@@ -44,15 +77,45 @@ def write_checkpoint(
                 target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 if name in changes:
                     tensor = changes[name][1](tensor)
-                tensors[name] = tensor.to(target).contiguous()
+                if name in changes or tensor.dtype != target:
+                    tensor = cast(tensor, target, f"the new {name}", advice)
+                tensors[name] = tensor.contiguous()
             shard_metadata = f.metadata() or {"format": "pt"}
-        save_file(tensors, folder / file.name, metadata=shard_metadata)
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / relative, metadata=shard_metadata)
         del tensors
-    for item in sorted(base.iterdir()):
-        if item.is_file() and not item.name.endswith((".safetensors", *SKIP_SUFFIXES)) and item.name not in SKIP_NAMES:
-            shutil.copyfile(item, folder / item.name)  # follows the hub cache's symlinks
+    copy_model_files(base, folder)
     if dtype is not None:
         _set_config_dtype(folder / "config.json", dtype)
+
+
+def model_root(base: Path) -> Path:
+    """The folder a model's files may link into: its own, or for a hub cache snapshot (models--org--name/snapshots/
+    REV) the repo's cache folder, whose blobs/ the snapshot's links point to."""
+    real = Path(os.path.realpath(base))
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def copy_model_files(base: Path, folder: Path) -> None:
+    """The base's CHECKPOINT_FILES (and named chat templates) into `folder`, links followed only within the model's
+    own folder: a file that leads outside it is refused, never copied."""
+    root = model_root(base)
+    listed = [base / name for name in CHECKPOINT_FILES if (base / name).exists() or (base / name).is_symlink()]
+    listed += sorted((base / CHAT_TEMPLATES).glob("*.jinja")) if (base / CHAT_TEMPLATES).is_dir() else []
+    for item in listed:
+        real = Path(os.path.realpath(item))
+        if not real.is_relative_to(root):
+            raise TloraError(
+                f"{item} leads to {real}, outside the model folder {root}: tlora copies no file from outside it; "
+                "put the file itself in its place"
+            )
+        if not real.is_file():
+            raise TloraError(f"{item} is not a file (a folder, or a link to nothing): re-download the model")
+        target = folder / item.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, target)
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

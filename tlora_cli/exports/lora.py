@@ -10,9 +10,12 @@ alpha s (r + r0 + s_d), which keeps each module's scaling s."""
 
 from __future__ import annotations
 
+import shlex
+
 import torch
 
-from ..adapter.peft import LoraModule, tensor_key
+from ..adapter.gate import cast
+from ..adapter.peft import WIDER, LoraModule, tensor_key
 from ..adapter.sidecar import RESIDUAL_A, read_sidecar, residual_factors
 from ..directions import DASH_SIGMA, DASH_U, DASH_VH
 from ..errors import TloraError
@@ -68,7 +71,8 @@ def write(job: ExportJob) -> Written:
         "unchanged model."
     )
     write_lora(job, "lora", config, tensors, note, drop=("residual",), initial=job.initial)
-    hint = f"load it on the original base; for servers: tlora export {job.out} --format vllm|padded|merged"
+    out = shlex.quote(str(job.out))
+    hint = f"load it on the original base; for servers: tlora export {out} --format vllm|padded|merged"
     return Written(len(adapter.modules), ranks[top], [hint], warnings)
 
 
@@ -83,9 +87,9 @@ def _stacked(
     for a, b in blocks:
         if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
             raise TloraError(f"the factors kept for {m.name} do not fit its A and B: is --initial the right adapter?")
-    a = torch.cat([a for a, _ in blocks]).to(dtype or m.a.dtype).contiguous()
-    b = torch.cat([b for _, b in blocks], dim=1).to(dtype or m.b.dtype).contiguous()
-    return a, b
+    a = cast(torch.cat([a for a, _ in blocks]), dtype or m.a.dtype, f"{m.name}'s stacked lora_A", WIDER).contiguous()
+    b = cast(torch.cat([b for _, b in blocks], dim=1), dtype or m.b.dtype, f"{m.name}'s stacked lora_B", WIDER)
+    return a, b.contiguous()
 
 
 FORMAT = ExportFormat(

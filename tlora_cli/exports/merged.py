@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from ..adapter.layout import CARD, CONFIG
@@ -16,19 +17,28 @@ from .checkpoint import Change, write_checkpoint
 
 
 def write(job: ExportJob) -> Written:
-    base, hub_id = merged_base(job.adapter, job.model)
     modules = job.adapter.modules
     changes = {f"{m.name}.weight": ([m.out_features, m.in_features], _merge(m)) for m in modules}
-    write_checkpoint(base, job.folder, changes, job.on_shard, job.dtype)
+    advice = "the base's dtype cannot hold W + s B A: merge into a copy of the base saved in float32"
+    write_checkpoint(job.base, job.folder, changes, advice, job.on_shard, job.dtype)
     meta = job.adapter.metadata
-    (job.folder / CARD).write_text(merged_card(job.out, hub_id, meta, job.adapter.folder.name))
-    warnings = []
-    calibrated = (meta.get("model") or {}).get("fingerprint")
+    (job.folder / CARD).write_text(merged_card(job.out, job.base_hub_id, meta, job.adapter.folder.name))
+    hint = f"serve it like any model: vllm serve {shlex.quote(str(job.out))}"
+    return Written(len(modules), max(m.rank for m in modules), [hint], wrong_base(job.base, meta))
+
+
+def wrong_base(base: Path, meta: dict) -> list[str]:
+    """The warning for a base that is not the model the adapter was calibrated on (its fingerprint differs)."""
+    calibrated = calibrated_on(meta).get("fingerprint")
     if calibrated and Checkpoint(base).fingerprint != calibrated:
-        warnings.append(f"{base} is not the model this adapter was calibrated on (its weights differ): merged anyway")
-    return Written(
-        len(modules), max(m.rank for m in modules), [f"serve it like any model: vllm serve {job.out}"], warnings
-    )
+        return [f"{base} is not the model this adapter was calibrated on (its weights differ): written anyway"]
+    return []
+
+
+def calibrated_on(meta: dict) -> dict:
+    """The metadata's record of the model the adapter was calibrated on; {} when there is none (or not an object)."""
+    record = meta.get("model")
+    return record if isinstance(record, dict) else {}
 
 
 def _merge(m: LoraModule) -> Change:

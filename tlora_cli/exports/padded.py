@@ -57,6 +57,13 @@ def write(job: ExportJob) -> Written:
     rank = unpadded_rank(top) if job.rank is None else job.rank
     if rank < top:
         raise TloraError(f"--rank {rank} is below the adapter's largest rank {top}: pass --rank {top} or more")
+    # A rank above min(out, in) adds nothing a module can use; bounded before any zeros are allocated.
+    limit = max(top, *(min(m.out_features, m.in_features) for m in modules))
+    if rank > limit:
+        raise TloraError(
+            f"--rank {rank} is above {limit}, the largest rank a module of this adapter can have (min(out, in) of its "
+            f"widest module): pass --rank between {top} and {limit}"
+        )
     config = base_config(job.adapter.config)
     absent = absent_modules(job.adapter)
     config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={})

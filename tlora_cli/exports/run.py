@@ -12,6 +12,7 @@ from ..outputs.atomic import atomic_dir
 from ..outputs.ownership import run_inputs
 from . import FORMATS, ExportOptions
 from .base import ExportJob, Written, unconverted
+from .merged import merged_base
 
 FLAGS = {"rank": "--rank", "initial": "--initial", "model": "--model", "revision": "--revision"}
 
@@ -45,13 +46,20 @@ def export(
             f"{adapter_dir} is {kind}, which a --format {fmt.name} export would get wrong; convert it first: "
             f"`tlora export {adapter_dir} --format lora -o PLAIN`, then export PLAIN"
         )
+    if fmt.check:
+        fmt.check(adapter)
+    base, hub_id = merged_base(adapter, model) if "model" in fmt.reads else (None, None)
     inputs = (
         ("ADAPTER", adapter_dir),
         ("--initial", options.initial),
         *run_inputs(model.model, builtin_model="model" in fmt.reads),
+        ("adapter's base model", base),  # the one --model names, or the adapter's base_model_name_or_path
     )
     with atomic_dir(out, overwrite, fmt.kind, inputs) as tmp:
-        job = ExportJob(adapter, tmp, out, model, options.rank, options.initial, options.torch_dtype, command, on_shard)
+        flags = {"rank": options.rank, "initial": options.initial, "dtype": options.torch_dtype}
+        job = ExportJob(
+            adapter, tmp, out, model, **flags, command=command, on_shard=on_shard, base=base, base_hub_id=hub_id
+        )
         return fmt.write(job)
 
 

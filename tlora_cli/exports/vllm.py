@@ -4,6 +4,8 @@ scales by exactly 1."""
 
 from __future__ import annotations
 
+import shlex
+
 from ..adapter.peft import tensor_key
 from .base import ExportFormat, ExportJob, Written, base_config, write_lora
 
@@ -36,13 +38,14 @@ def write(job: ExportJob) -> Written:
         f"--max-lora-rank {max_rank or top} --lora-modules NAME=PATH`."
     )
     write_lora(job, "vllm", config, tensors, note)
-    base = config.get("base_model_name_or_path") or "BASE_MODEL"
+    # Every value from a file or a path is quoted: a crafted base_model_name_or_path must not run in the user's shell.
+    base = shlex.quote(str(config.get("base_model_name_or_path") or "BASE_MODEL"))
     if max_rank is None:
         hint = f"its largest rank {top} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})"
     else:
         hint = (
             f"pass --max-lora-rank {max_rank}: vllm serve {base} --enable-lora --max-lora-rank {max_rank} "
-            f"--lora-modules {job.out.name}={job.out}"
+            f"--lora-modules {shlex.quote(f'{job.out.name}={job.out}')}"
         )
     return Written(len(modules), top, [hint])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import threading
 from collections.abc import Iterator
 from functools import cached_property
@@ -16,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import TloraError
 
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on a file's JSON header
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -36,13 +38,34 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     return DTYPES.get(str(name), torch.float32)
 
 
-def _shard_error(file: Path, e: Exception) -> TloraError:
+def header_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's first 8 bytes, the length of its header, read before the library maps
+    the file: a file too short to hold them, or a length beyond safetensors' bound or the file. None when sound."""
+    try:
+        with open(file, "rb") as f:
+            head, size = f.read(8), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        return e.strerror or str(e)
+    if len(head) < 8:
+        return f"it is truncated: {len(head)} bytes, too short for the 8-byte length of a safetensors header"
+    length = int.from_bytes(head, "little")
+    if length > MAX_HEADER_BYTES:
+        return f"its header claims {length:,} bytes, beyond any safetensors header ({MAX_HEADER_BYTES:,} at most)"
+    if 8 + length > size:
+        return f"its header claims {length:,} bytes but the file holds {size:,}: it is truncated"
+    return None
+
+
+def _shard_error(file: Path, e: Exception | str) -> TloraError:
     return TloraError(f"cannot read checkpoint shard {file}: {e}; re-download the model".splitlines()[0])
 
 
 @contextlib.contextmanager
 def open_shard(file: Path) -> Iterator:
     """safe_open with a one-line error for a truncated or corrupt shard."""
+    problem = header_problem(file)
+    if problem:
+        raise _shard_error(file, problem)
     try:
         with safe_open(file, "pt") as f:
             yield f
@@ -90,6 +113,9 @@ class Checkpoint:
         come from the same shard, and every open parses its header again."""
         with self.opening:  # the stream engine's reader thread reads too
             if file not in self.handles:
+                problem = header_problem(file)
+                if problem:
+                    raise _shard_error(file, problem)
                 try:
                     self.handles[file] = safe_open(file, "pt")
                 except (SafetensorError, OSError) as e:

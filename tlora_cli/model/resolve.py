@@ -111,11 +111,22 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 
 def model_path(model: str | None) -> Path | None:
-    """The local model folder `--model` names; the built-in model's cache folder when none is given."""
+    """The local model folder `--model` names (for a hub id, its folder in the hub cache, when there is one); the
+    built-in model's cache folder when none is given."""
     if model is None:
         return cache_root() / BUILTIN_MODEL_NAME
     path = Path(model).expanduser()
-    return path if path.exists() else None
+    if path.exists():
+        return path
+    return hub_cache_folder(model) if looks_like_hub_id(model) else None
+
+
+def hub_cache_folder(repo_id: str) -> Path | None:
+    """The hub cache's folder of a model (models--org--name: its snapshots and the blobs they link to), if cached."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    return folder if folder.is_dir() else None
 
 
 def looks_like_hub_id(name: object) -> bool:

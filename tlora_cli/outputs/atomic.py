@@ -1,12 +1,16 @@
 """Outputs appear whole or not at all: written into a temp folder beside OUT, renamed at the end.
 
-An existing OUT is replaced only under --overwrite and only when tlora wrote it (ownership.py); the new
-one is swapped into place before the old one is removed, and an interrupt during the swap waits for it.
+An existing OUT is replaced only under --overwrite and only when tlora wrote it (ownership.py), checked before any
+work and again at the swap, under a lock beside OUT: an OUT that appeared meanwhile (a second run to the same -o)
+is never replaced without --overwrite, so of two runs one wins and the other says so. The new one is swapped into
+place before the old one is removed, and an interrupt during the swap waits for it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
@@ -18,7 +22,7 @@ from pathlib import Path
 from ..errors import TloraError
 from ..options import REQUIRED, Options, option
 from ..signals import signals_deferred, terminate_as_interrupt
-from .ownership import check_output
+from .ownership import check_output, output_flag
 
 
 @dataclass
@@ -38,7 +42,7 @@ def check_target(out: Path, overwrite: bool, kind: str = "adapter", inputs: tupl
     of the run (`inputs`: (flag, path) pairs), or its folder is not writable."""
     check_output(out, kind, overwrite, inputs)
     if (out.exists() or out.is_symlink()) and not overwrite:
-        raise TloraError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+        raise TloraError(f"{out} already exists: pass --overwrite to replace it, or choose another {output_flag(kind)}")
     parent = _absolute(out).parent
     if parent.exists() and not parent.is_dir():
         raise TloraError(f"cannot write {out}: {parent} is a file, not a folder")
@@ -53,19 +57,19 @@ def _absolute(out: Path) -> Path:
     return Path(os.path.abspath(out.expanduser()))
 
 
-_RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux renameat2); False where the system cannot."""
+def _renameat2(a: Path, b: Path, flags: int) -> int | None:
+    """rename(2) with flags (Linux renameat2): 0, or the errno it failed with; None where the C library lacks it."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
-        return False
+        return None
     at_fdcwd = -100
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags)
+    return 0 if result == 0 else ctypes.get_errno()
 
 
 def _remove(path: Path) -> None:
@@ -75,22 +79,86 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _replace(tmp: Path, out: Path) -> None:
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on `.NAME.lock` beside OUT while its state is checked and the output put in place, so two
+    tlora runs cannot both find OUT free; the file is removed after, by its holder (a waiter that then holds a
+    removed file's lock tries again)."""
+    lock = out.with_name(f".{out.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise TloraError(f"cannot write {out}: cannot make its lock file {lock}: {e.strerror}") from e
+        if not _lock(fd) or _same_file(fd, lock):
+            break  # held; or a file system without locks, where renameat2 alone keeps OUT
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock(fd: int) -> bool:
+    """Wait for the exclusive lock; False where the file system has none (some network file systems)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev)
+
+
+def _appeared(out: Path, kind: str) -> TloraError:
+    return TloraError(
+        f"{out} appeared while this run was writing it (another run or program made it): this run's result was "
+        f"discarded and {out} left as it is; choose another {output_flag(kind)}, or pass --overwrite to replace it"
+    )
+
+
+def _put_in_place(tmp: Path, out: Path, overwrite: bool, kind: str) -> Path | None:
+    """Under the lock: OUT checked again as it is now, then `tmp` renamed onto it; the old OUT's new path (to
+    remove), or None. Without --overwrite an OUT that appeared meanwhile stays and this run's result is refused."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise _appeared(out, kind)
+        check_output(out, kind, overwrite)  # still tlora's own, not something put there meanwhile
+        if _renameat2(tmp, out, _RENAME_EXCHANGE) == 0:
+            return tmp  # now the old OUT
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        out.rename(old)
+        tmp.rename(out)
+        return old
+    code = _renameat2(tmp, out, _RENAME_NOREPLACE)  # fails if another program made OUT since the check
+    if code == errno.EEXIST:
+        raise _appeared(out, kind)
+    if code != 0:  # no renameat2 here: a plain rename, which fails onto a folder that is not empty
+        try:
+            tmp.rename(out)
+        except OSError as e:
+            if out.exists() or out.is_symlink():
+                raise _appeared(out, kind) from e
+            raise TloraError(f"cannot write {out}: {e.strerror}") from e
+    return None
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool, kind: str) -> None:
     """Put `tmp` in OUT's place; an old OUT is removed only once the new one is there."""
     with signals_deferred():
-        if out.exists() or out.is_symlink():
-            if _exchange(tmp, out):
-                COMMITTED.append(out)
-                _remove(tmp)  # now the old OUT
-                return
-            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-            out.rename(old)
-            tmp.rename(out)
+        with _locked(out):
+            old = _put_in_place(tmp, out, overwrite, kind)
             COMMITTED.append(out)
+        if old is not None:
             _remove(old)
-        else:
-            tmp.rename(out)
-            COMMITTED.append(out)
 
 
 def _umask() -> int:
@@ -126,7 +194,7 @@ def atomic_dir(out: Path, overwrite: bool, kind: str = "adapter", inputs: tuple 
         with terminate_as_interrupt():
             yield tmp
             _follow_umask(tmp)
-            _replace(tmp, out)
+            _replace(tmp, out, overwrite, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,9 +202,9 @@ def atomic_dir(out: Path, overwrite: bool, kind: str = "adapter", inputs: tuple 
 
 @contextmanager
 def atomic_file(out: Path, overwrite: bool, kind: str = "plan", inputs: tuple = ()) -> Iterator[Path]:
-    """The same promise for a single file (a plan)."""
+    """The same promise for a single file (a plan, a picture)."""
     if out.is_dir() and not out.is_symlink():
-        raise TloraError(f"{out} is a folder: give a file name for the plan")
+        raise TloraError(f"{out} is a folder: give a file name for the {kind}")
     check_target(out, overwrite, kind, inputs)
     out = _absolute(out)
     try:
@@ -149,8 +217,6 @@ def atomic_file(out: Path, overwrite: bool, kind: str = "plan", inputs: tuple = 
         with terminate_as_interrupt():
             yield tmp
             _follow_umask(tmp)
-            with signals_deferred():
-                tmp.replace(out)
-                COMMITTED.append(out)
+            _replace(tmp, out, overwrite, kind)
     finally:
         tmp.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ tlora recognises its own outputs by their files: an adapter folder holds tlora_m
 adapter_config.json and adapter_model.safetensors (and may hold tlora's model card, README.md tagged
 `tlora`, and its budget.png); a merged export holds config.json and tlora's model card; a calibration
 folder holds calibration.json with format tlora-calibration/1; a plan is a JSON object whose "format"
-is tlora-plan/1.
+is tlora-plan/1; a picture (`inspect --plot`) is any regular file, replaced only under --overwrite.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ KINDS = {
     "calibration": "a calibration folder",
     "plan": "a plan file",
     "trial": "a trial folder (tlora trial)",
+    "picture": "a picture file (a regular file, not a folder or a link)",
 }
 
 
@@ -52,13 +53,15 @@ def written_by_tlora(path: Path, kind: str) -> bool:
     if kind == "trial":
         doc = maybe_object(path / TRIAL_RESULT) if path.is_dir() else None
         return doc is not None and doc.get("format") == TRIAL_FORMAT
+    if kind == "picture":  # `inspect --plot FILE --overwrite`: a picture carries no mark of who drew it
+        return path.is_file()
     raise ValueError(kind)
 
 
 def foreign_entry(path: Path, kind: str) -> str | None:
     """The first file or folder in a tlora output folder that tlora does not write there (a README a
     trainer saved, a checkpoint): replacing the folder would delete it."""
-    if kind in ("plan", "merged") or not path.is_dir():
+    if kind in ("plan", "merged", "picture") or not path.is_dir():
         return None  # a merged checkpoint also carries the base's own files (tokenizer, generation config)
     if kind == "trial":
         for entry in sorted(path.iterdir()):
@@ -97,38 +100,44 @@ def data_path(data: str | None) -> Path | None:
     return None
 
 
+def output_flag(kind: str) -> str:
+    """The flag that names OUT, for messages: -o, or --plot for inspect's picture."""
+    return "--plot" if kind == "picture" else "-o"
+
+
 def check_output(out: Path, kind: str, overwrite: bool, inputs: Iterable[tuple[str, Path | None]] = ()) -> None:
     """Fail before any work when OUT is not a place tlora may write `kind` to.
 
     `inputs` are (flag, path) pairs: OUT may be none of them, contain none, and lie inside none.
     """
+    named = output_flag(kind)
     if str(out) in ("", ".") or out.name in ("", ".", ".."):
-        raise TloraError(f"-o {str(out)!r} names no new {kind} path: give a name such as -o my-{kind}")
+        raise TloraError(f"{named} {str(out)!r} names no new {kind} path: give a name such as {named} my-{kind}")
     if out.is_symlink():
-        raise TloraError(f"-o {out} is a symbolic link: pass the path it points to, or another name")
+        raise TloraError(f"{named} {out} is a symbolic link: pass the path it points to, or another name")
     real_out = _real(out)
     for flag, path in inputs:
         if path is None:
             continue
         real_in = _real(path)
         if real_out == real_in:
-            raise TloraError(f"-o {out} is the {flag} input of this run: choose another -o")
+            raise TloraError(f"{named} {out} is the {flag} input of this run: choose another {named}")
         if real_in.is_relative_to(real_out):
-            raise TloraError(f"-o {out} contains the {flag} input {path} of this run: choose another -o")
+            raise TloraError(f"{named} {out} contains the {flag} input {path} of this run: choose another {named}")
         # Scratch space is no input to keep intact: OUT may lie inside --offload-dir.
         if real_out.is_relative_to(real_in) and real_in.is_dir() and flag != "--offload-dir":
-            raise TloraError(f"-o {out} lies inside the {flag} input {path} of this run: write it elsewhere")
+            raise TloraError(f"{named} {out} lies inside the {flag} input {path} of this run: write it elsewhere")
     if (out.exists() or out.is_symlink()) and overwrite:
         if not written_by_tlora(out, kind):
             raise TloraError(
                 f"{out} is not {KINDS[kind]} written by tlora: --overwrite replaces only tlora's own outputs; "
-                "move it away yourself or choose another -o"
+                f"move it away yourself or choose another {named}"
             )
         foreign = foreign_entry(out, kind)
         if foreign is not None:
             raise TloraError(
                 f"{out} holds {foreign}, which tlora did not write there: --overwrite would delete it; "
-                "move it away yourself or choose another -o"
+                f"move it away yourself or choose another {named}"
             )
 
 

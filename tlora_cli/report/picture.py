@@ -77,8 +77,8 @@ def _colour(value: float, top: float, log: bool = False) -> tuple[int, int, int]
     if top <= 0:
         return RAMP[0]
     x = value / top
-    if log:
-        x = 1 + math.log10(max(value, 1e-12) / top) / 2  # two decades below the top map to the bottom
+    if log:  # two decades below the top map to the bottom; a ratio that underflows to 0 is the bottom too
+        x = 1 + math.log10(x) / 2 if x > 0 else 0.0
     x = min(max(x, 0.0), 1.0)
     return RAMP[round(x * (len(RAMP) - 1))]
 
@@ -170,30 +170,45 @@ def _matrix(grid: Grid, key: str) -> list[list[float]]:
     return rows
 
 
-def write_plot(summary: dict, out: Path, name: str | None = None) -> None:
-    """Two panels, rank and scaling, layers down and module types across; PNG (or any format by suffix)."""
+def plot_format(out: Path) -> str:
+    """The format matplotlib writes `out` in, from its suffix; one line when it has none matplotlib writes (without
+    a suffix matplotlib would add .png and write another file than the one named)."""
     if not has_matplotlib():
         raise TloraError("--plot needs matplotlib: pip install 'tlora-cli[plot]' (or pip install matplotlib)")
+    if out.is_dir() and not out.is_symlink():
+        raise TloraError(f"--plot {out} is a folder: give a file name, such as {out / 'budget.png'}")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = out.suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        raise TloraError(
+            f"--plot {out}: matplotlib writes no {out.suffix or 'file without a suffix'}: end the name in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    return suffix
+
+
+def write_plot(summary: dict, out: Path, name: str | None = None, fmt: str | None = None) -> None:
+    """Two panels, rank and scaling, layers down and module types across; PNG (or `fmt`, by default the suffix's).
+    Scalings are drawn as log10 on a linear colour scale: matplotlib's log norm fails near the ends of the float
+    range (an alpha of 1e-300), log10 of any positive finite number does not."""
+    fmt = fmt or plot_format(out)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
 
     grid = budget_grid(summary)
     labels = type_labels(grid.types)
     height = max(3.0, 0.22 * len(grid.layers) + 1.6)
     fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.3 * len(labels), height), constrained_layout=True)
-    scalings = [s for s in grid.values("scaling") if s > 0]
-    panels = (
-        ("rank", "rank r_i", None),
-        ("scaling", "scaling alpha_i / r_i", LogNorm(min(scalings), max(scalings)) if scalings else None),
-    )
-    for ax, (key, title, norm) in zip(axes, panels):
+    panels = (("rank", "rank r_i"), ("scaling", "scaling alpha_i / r_i (log10)"))
+    for ax, (key, title) in zip(axes, panels):
         values = _matrix(grid, key)
-        if key == "scaling":  # rank-0 modules have no scaling: leave them blank
-            values = [[v if v > 0 else float("nan") for v in row] for row in values]
-        image = ax.imshow(values, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest")
+        if key == "scaling":  # rank-0 modules have no scaling, and no log: leave them blank
+            values = [[math.log10(v) if v > 0 else float("nan") for v in row] for row in values]
+        image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(title)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         step = max(1, len(grid.layers) // 16)
@@ -208,9 +223,9 @@ def write_plot(summary: dict, out: Path, name: str | None = None) -> None:
         fontsize=10,
     )
     try:
-        fig.savefig(out, dpi=110, metadata={"Software": None} if out.suffix.lower() == ".png" else None)
-    except (OSError, ValueError) as e:
-        raise TloraError(f"cannot write {out}: {e}".splitlines()[0]) from e
+        fig.savefig(out, dpi=110, format=fmt, metadata={"Software": None} if fmt == "png" else None)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: a format's missing tool (LaTeX for .pgf)
+        raise TloraError(f"cannot write the picture: {getattr(e, 'strerror', None) or e}".splitlines()[0]) from e
     finally:
         plt.close(fig)
 

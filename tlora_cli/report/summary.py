@@ -21,7 +21,10 @@ LAYER = re.compile(r"\.(\d+)\.")
 @dataclass
 class InspectOptions(Options):
     modules: bool = option(False, "Every module's rank, alpha, scaling and parameters, as a table.", "--modules")
-    plot: Path | None = option(None, "Also draw rank and scaling per layer and type into this PNG (matplotlib).")
+    plot: Path | None = option(
+        None, "Also draw rank and scaling per layer and type into this PNG (or .pdf, .svg; matplotlib)."
+    )
+    overwrite: bool = option(False, "Replace an existing --plot file.", "--overwrite")
 
 
 def summarise(folder: Path) -> dict:
