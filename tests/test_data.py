@@ -239,11 +239,11 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "locked.jsonl", b'{"text": "a"}\n')
 
-    def deny(self: Path) -> bytes:
+    def deny(self: Path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
     # Root reads through chmod 000, so fake the denial where the file is opened.
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(Path, "open", deny)
     with pytest.raises(TloraError) as exc:
         read_samples(path)
     assert_error(exc, "locked.jsonl", "permission denied")

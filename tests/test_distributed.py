@@ -7,6 +7,7 @@ they are marked slow, and CI runs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -153,6 +154,7 @@ def test_the_timeout_is_a_positive_number_of_seconds(monkeypatch):
 
 
 def test_only_rank_0_says_why_every_rank_stopped(run_cli, monkeypatch, model_factory, tmp_path):
+    from tlora_cli import pipeline
     from tlora_cli.calib import calibrate as calibrate_module
 
     def stop(*args, **kwargs):
@@ -162,7 +164,15 @@ def test_only_rank_0_says_why_every_rank_stopped(run_cli, monkeypatch, model_fac
     args = ["init", "--model", model_factory("llama"), "-o", tmp_path / "out"]
     result = run_cli(*args)
     assert result.code == 1 and result.stderr.strip() == "error: rank 1: no data here"
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("RANK", "1")  # alone, a stray variable: the one process still speaks
+    assert run_cli(*args).stderr.strip() == "error: rank 1: no data here"
+
+    @contextlib.contextmanager
+    def second_of_two(device: str):
+        yield Dist(1, 2, device=device)  # rank 1 of a torchrun job, without its process group
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(pipeline, "launched", second_of_two)
     result = run_cli(*args)
     assert result.code == 1 and result.stderr == ""
 

@@ -100,7 +100,7 @@ def allocate_ranks(scores: Sequence[float], budget: int, max_ranks: Sequence[int
         raise TloraError(
             f"the budget of {budget} ranks exceeds what the modules can hold ({sum(max_ranks)}): lower --budget-rank"
         )
-    weights = list(scores) if sum(scores) > 0 else [1.0] * n  # nothing to go by: share equally
+    weights = _normalised(scores) if sum(scores) > 0 else [1.0] * n  # nothing to go by: share equally
     idle = [i for i in range(n) if weights[i] == 0]
     full = sum(max_ranks[i] for i in range(n) if weights[i] > 0) + sum(low[i] for i in idle)
     if full < budget:  # every scored module is full: the unscored ones share the rest equally
@@ -124,6 +124,14 @@ def allocate_ranks(scores: Sequence[float], budget: int, max_ranks: Sequence[int
     for i, r in zip(free, largest_remainder([room * weights[i] / free_weight for i in free], room)):
         ranks[i] = r
     return ranks
+
+
+def _normalised(scores: Sequence[float]) -> list[float]:
+    """The scores times the power of two that brings the largest into [0.5, 1): exact, so every ratio, and so
+    every rank, is what the scores give; but subnormal scores (a calibration scaled by 1e-310) no longer make the
+    water level's breakpoints infinite, nor huge ones its sums, which broke the budget (768 ranks for 112)."""
+    exponent = math.frexp(max(scores))[1]
+    return [math.ldexp(score, -exponent) for score in scores]
 
 
 def _checked_alpha(names: Sequence[str], rank: int, alpha: float | None) -> float:
@@ -168,8 +176,9 @@ def allocate(
                 "lower --budget-rank"
             )
         ranks = [rank] * n
-    total = sum(scores)
-    shares = [s / total for s in scores] if total > 0 else [1.0 / n] * n
+    weights = _normalised(scores)  # the same shares, and no sum of huge scores overflows
+    total = sum(weights)
+    shares = [w / total for w in weights] if total > 0 else [1.0 / n] * n
     out = []
     for name, (o, i), s, p, r in zip(names, shapes, scores, shares, ranks):
         a = r * (n * alpha / rank) * p if alpha_allocation else alpha

@@ -23,7 +23,7 @@ from .calib.options import CalibrationOptions, MeasureOptions
 from .data import DataOptions, datasets_plain, datasets_table, samples_plain, samples_text, show_samples
 from .data.show import ShowOptions
 from .distributed import is_main_process, refuse_ranks
-from .errors import Stopped, TloraError, disk_full
+from .errors import Stopped, TloraError, disk_full, name_too_long, printable
 from .exports import FORMATS, ExportOptions, serving_facts
 from .exports.run import export
 from .exports.vllm import vllm_max_lora_rank
@@ -360,13 +360,15 @@ def _interrupted_message() -> str:
 def main() -> None:
     """Entry point: one line per error, never a traceback (TLORA_DEBUG=1 shows it)."""
     err = Console(stderr=True, highlight=False)
-    quiet_libraries()
     COMMITTED.clear()  # per run: an interrupt says whether this run's output was already in place
     try:
+        quiet_libraries()  # imports transformers: seconds, in which Ctrl-C is as likely as anywhere
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:  # before Click runs a command (which turns Ctrl-C into its Abort)
+        code = 130
     except TloraError as e:
         if is_main_process() or not isinstance(e, Stopped):  # under torchrun, rank 0 says why every rank stopped
-            err.print(f"[red]error:[/] {escape(str(e))}", soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(printable(str(e)))}", soft_wrap=True)
         sys.exit(1)
     except Exception as e:
         _unexpected(e, err)
@@ -387,6 +389,14 @@ def _unexpected(e: Exception, err: Console) -> None:
         sys.exit(130)
     if os.environ.get("TLORA_DEBUG"):
         raise e
+    if name_too_long(e):  # any path the user named: -o, --data, --model, an adapter folder
+        name = printable(os.fsdecode(e.filename)) if e.filename is not None else "a path"
+        err.print(
+            f"[red]error:[/] {escape(name)}: a name in this path is longer than the file system allows "
+            "(255 bytes on most); choose a shorter one",
+            soft_wrap=True,
+        )
+        sys.exit(1)
     if disk_full(e):  # anywhere: calibration files, offloaded activations, the adapter
         err.print(
             "[red]error:[/] the disk filled up while writing (nothing was kept): free some space, or write -o "
@@ -394,6 +404,7 @@ def _unexpected(e: Exception, err: Console) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
-    err.print(f"[red]internal error:[/] {escape(type(e).__name__ + ': ' + str(e))}".splitlines()[0], soft_wrap=True)
+    message = escape(printable(f"{type(e).__name__}: {e}"))
+    err.print(f"[red]internal error:[/] {message}".splitlines()[0], soft_wrap=True)
     err.print("rerun with TLORA_DEBUG=1 for the traceback and report it")
     sys.exit(3)

@@ -1,10 +1,10 @@
 """Many processes under torchrun: each rank calibrates a share of the samples, the ranks add up their sums,
 each factorises the modules it owns, and rank 0 gathers the A matrices and alone writes OUT.
 
-Without torchrun's environment (WORLD_SIZE unset or 1) there is one Dist of one process, no process group,
-and every collective here is a no-op. Under torchrun every collective first agrees on errors: a rank that fails
-tells the others at their next collective, so that every rank stops with the same one line (said by rank 0)
-instead of waiting for a partner that will never come.
+Without torchrun's environment (WORLD_SIZE unset or 1; a stray RANK is then ignored) there is one Dist of one
+process, no process group, and every collective here is a no-op. Under torchrun every collective first agrees on
+errors: a rank that fails tells the others at their next collective, so that every rank stops with the same one
+line (said by rank 0) instead of waiting for a partner that will never come.
 """
 
 from __future__ import annotations
@@ -28,14 +28,52 @@ LOST = "another rank stopped or was killed (its error, if any, is above); nothin
 
 
 def is_main_process() -> bool:
-    """Global rank 0 under torchrun, or a run without it: the process that prints and writes."""
-    return os.environ.get("RANK", "0") == "0"
+    """Global rank 0 under torchrun, or a run without it: the process that prints and writes. Only a torchrun
+    run (WORLD_SIZE above 1) has other ranks: a stray RANK alone, or variables that do not parse (which
+    `torchrun_env` refuses in one line), never silence the one process there is."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def torchrun_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) without WORLD_SIZE, or with 1 (RANK is then ignored).
+    What torchrun never sets is one line naming the variable, before any process group is joined."""
+    world_size = _whole_number("WORLD_SIZE", "1")
+    if world_size < 1:
+        raise TloraError(f"WORLD_SIZE must be 1 or more, got {world_size}: unset it, or start the run with torchrun")
+    if world_size == 1:
+        return 0, 1
+    _required("RANK", world_size)
+    rank = _whole_number("RANK", "0")
+    if not 0 <= rank < world_size:
+        raise TloraError(f"RANK must be between 0 and {world_size - 1} (WORLD_SIZE is {world_size}), got {rank}")
+    return rank, world_size
+
+
+def _required(name: str, world_size: int) -> None:
+    if not os.environ.get(name, "").strip():
+        raise TloraError(
+            f"WORLD_SIZE is {world_size} but {name} is not set: start the run with torchrun (which sets it), "
+            "or unset WORLD_SIZE"
+        )
+
+
+def _whole_number(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise TloraError(
+            f"{name} must be a whole number, got {raw!r}: unset it, or start the run with torchrun"
+        ) from None
 
 
 def refuse_ranks(command: str) -> None:
     """Only calibrate and init share their work among torchrun's ranks; any other command would have every rank
     do the same work and write the same file at once. Every rank stops, rank 0 says why."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size = torchrun_env()
     if world_size > 1:
         _let_main_speak(Dist(rank, world_size))
         raise Stopped(f"tlora {command} runs in one process: run it without torchrun (only calibrate and init share)")
@@ -165,9 +203,12 @@ def _lost_rank() -> Iterator[None]:
 
 def _from_env(device: str) -> Dist:
     """Join torchrun's process group: NCCL with this rank on cuda:LOCAL_RANK for a CUDA device, else gloo."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = torchrun_env()
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # where the ranks meet: init_process_group's own error is a traceback
+        _required(name, world_size)
+    _whole_number("MASTER_PORT", "0")
     if device.startswith("cuda"):
-        backend, device = "nccl", f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        backend, device = "nccl", f"cuda:{_whole_number('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)
     else:
         backend = "gloo"
@@ -189,7 +230,7 @@ def launched(device: str) -> Iterator[Dist]:
 
     `device` is the one the run asked for (cpu or cuda); under torchrun each rank gets its own GPU.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torchrun_env()[1] == 1:
         yield Dist(device=device)
         return
     dist = _from_env(device)

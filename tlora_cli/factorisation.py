@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -119,6 +121,15 @@ def random_a(in_features: int, rank: int, generator: torch.Generator) -> torch.T
     return (torch.rand(rank, in_features, generator=generator, dtype=torch.float64) * 2 - 1).mul_(bound).float()
 
 
+class DampingScale(ValueError):
+    """A damping so far from the covariance's scale that LoRA-DA's K-FAC step under- or overflows float64 (it is
+    about G / damping^2 where the damping dominates): no A can be built from it."""
+
+    def __init__(self, too_large: bool, largest: float):
+        super().__init__(f"damping too {'large' if too_large else 'small'} for a covariance of scale {largest:.3g}")
+        self.too_large, self.largest = too_large, largest
+
+
 def lora_da_a(
     covariance: torch.Tensor,
     output_grad_sq: torch.Tensor,
@@ -139,13 +150,16 @@ def lora_da_a(
     its inputs never span, far larger than an absolute 1e-6 damping, and Cholesky fails on it.
     """
     dtype = torch.float64
+    if not bool(mean_grad.any()):
+        raise ValueError("the mean gradient is zero: no task signal reached this module")
     values, vectors = torch.linalg.eigh(covariance.to(dtype))
     inverse_z = (vectors / (values.clamp_min(0) + damping)) @ vectors.T
     inverse_s = 1.0 / (output_grad_sq.to(dtype) + damping)
     step = -(inverse_z @ mean_grad.to(dtype).T) * inverse_s  # (in x out)
-    sigma = torch.linalg.matrix_norm(step, ord=2)
-    if not sigma > 0:
-        raise ValueError("the mean gradient is zero: no task signal reached this module")
+    sigma = torch.linalg.matrix_norm(step, ord=2) if bool(step.isfinite().all()) else math.inf
+    if not 0 < sigma**2 < math.inf:  # the step, or its square, left float64's range: the damping's doing
+        largest = values.max().item()
+        raise DampingScale(too_large=damping > largest, largest=largest)
     step = step / sigma
     coefficient = beta * inverse_s.sum() / (population * sigma**2)
     guidance = coefficient * inverse_z - step @ step.T

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,3 +160,19 @@ def existing_folder(value: Path) -> str | None:
 
 def not_blank(value: str) -> str | None:
     return "is empty: give a value, or drop the flag" if not value.strip() else None
+
+
+NAME_MAX = 255  # bytes in one file name: ext4, XFS, btrfs, tmpfs, APFS (on NTFS, 255 UTF-16 units)
+
+
+def output_name(value: Path, room: int = 0) -> str | None:
+    """What makes a path one tlora cannot write to, checked before any work: bytes that are not UTF-8 (safetensors
+    and the Hub open UTF-8 paths only), or a name that leaves no `room` for the temporary name written first."""
+    try:
+        str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return "its path is not UTF-8 (safetensors and the Hub take UTF-8 paths only); choose a UTF-8 name"
+    size = len(os.fsencode(value.name))
+    if size + room > NAME_MAX:
+        return f"its name is {size} bytes, over the {NAME_MAX - room} an output name may have; choose a shorter one"
+    return None

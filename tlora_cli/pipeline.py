@@ -245,6 +245,27 @@ def _check_init_inputs(
         check_plan_recipe(plan, recipe)
     else:
         allocation.check_recipe(recipe)
+    if reuse.calibration_dir:
+        _check_finishing_flags(calibration, init)
+
+
+# What init --calibration reads from its own flags: the factorisation's device, the adapter's dtype and the
+# covariance asked for (checked against the folder's); every other calibration flag only changes a calibration run.
+FINISHING_FLAGS = ("--device", "--dtype", "--center", "--no-center")
+
+
+def _check_finishing_flags(calibration: CalibrationOptions, init: InitSettings) -> None:
+    """A flag that would silently change nothing: the folder already holds what it measured, and its modules."""
+    ignored = [
+        flag
+        for flag in calibration.given()
+        if flag not in FINISHING_FLAGS and not (flag == "--seed" and init.method.seeded)
+    ]
+    if ignored:
+        raise TloraError(
+            f"init --calibration finishes from statistics already measured: {', '.join(ignored)} would change "
+            "nothing; drop it, or run `tlora calibrate` again with it"
+        )
 
 
 def _finish_from(

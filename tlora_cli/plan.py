@@ -153,7 +153,7 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
     doc = _document(path)
     if doc.get("model_fingerprint") != fingerprint:
         raise TloraError(f"plan {path} was made for a different model than --model: rerun `tlora allocate`")
-    entries = {m.get("name"): m for m in doc["modules"] if isinstance(m, dict)}
+    entries = _entries(doc, path)
     names = [t.name for t in targets]
     if set(entries) != set(names):
         odd = sorted(set(entries) ^ set(names))[0]
@@ -170,7 +170,78 @@ def read_plan(path: Path, targets: list[Target], fingerprint: str) -> tuple[list
         out.append(ModuleAllocation(t.name, *t.shape, score, share, rank, float(alpha) if rank else 0.0))
     if not any(a.rank for a in out):
         raise TloraError(f"plan {path} gives every module rank 0: nothing to initialise")
+    for a in out:
+        _check_derived(entries[a.name], a, path)
+    _check_totals(doc, out, path)
     return out, doc.get("settings", {})
+
+
+def _entries(doc: dict, path: Path) -> dict[str, dict]:
+    """The plan's module entries by name: each an object with a name, none listed twice (the last would win)."""
+    entries: dict[str, dict] = {}
+    for i, m in enumerate(doc["modules"], start=1):
+        name = m.get("name") if isinstance(m, dict) else None
+        if not isinstance(name, str):
+            raise TloraError(f'plan {path}: module entry {i} is not an object with a "name"; rerun `tlora allocate`')
+        if name in entries:
+            raise TloraError(f"plan {path} lists module {name} twice: keep one entry, or rerun `tlora allocate`")
+        entries[name] = m
+    return entries
+
+
+# Read from a plan: each module's name, rank and alpha (and score and share, for the record). The fields below
+# follow from them; a hand edit must change them too or delete them, never leave them saying something else.
+EDIT_ADVICE = "edit a module's rank and alpha only, and correct or delete what follows from them"
+
+
+def _check_derived(entry: dict, a: ModuleAllocation, path: Path) -> None:
+    """A module's shape, scaling and parameter counts, where the plan has them, must be its own."""
+    derived = {
+        "shape": [a.out_features, a.in_features],
+        "scaling": a.scaling,
+        "trainable_params_b": a.trainable_b,
+        "trainable_params_ab": a.trainable_ab,
+    }
+    for field, value in derived.items():
+        if field in entry and not _same(entry[field], value):
+            raise TloraError(
+                f"plan {path}: {a.name} has {field} {entry[field]!r}, but its rank and alpha (and the model) give "
+                f"{value!r}: {EDIT_ADVICE}"
+            )
+
+
+def _check_totals(doc: dict, allocations: list[ModuleAllocation], path: Path) -> None:
+    """The plan's totals, and the budget and alpha_total of its settings, against its own modules."""
+    n, settings = len(allocations), doc.get("settings", {})
+    expected = {
+        ("totals", "rank"): sum(a.rank for a in allocations),
+        ("totals", "modules_with_adapter"): sum(1 for a in allocations if a.rank),
+        ("totals", "trainable_params_b"): sum(a.trainable_b for a in allocations),
+        ("totals", "trainable_params_ab"): sum(a.trainable_ab for a in allocations),
+    }
+    for key, factor in (("budget", "budget_rank"), ("alpha_total", "alpha")):
+        if _number(settings.get(factor)):
+            expected["settings", key] = n * settings[factor]
+    totals = doc.get("totals", {})
+    if not isinstance(totals, dict):
+        raise TloraError(f'plan {path}: "totals" is not a JSON object; {EDIT_ADVICE}')
+    for (part, key), value in expected.items():
+        given = (totals if part == "totals" else settings).get(key, value)
+        if not _same(given, value):
+            raise TloraError(
+                f'plan {path}: {part} "{key}" is {given!r}, but its {n} modules give {value!r}: {EDIT_ADVICE}'
+            )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _same(given: object, value: object) -> bool:
+    """Equal, numbers to a relative 1e-6 (a hand-written scaling may be rounded)."""
+    if _number(given) and _number(value):
+        return math.isclose(given, value, rel_tol=1e-6, abs_tol=1e-12)
+    return given == value
 
 
 def _finite_field(module: dict, field: str, path: Path, name: str) -> float:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .distributed import is_main_process
+from .errors import printable
 from .options import Options, option
 
 
@@ -36,13 +37,13 @@ class Reporter:
         self.timings: dict[str, float] = {}
 
     def info(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(printable(message), highlight=False)
 
     def warn(self, message: str, protects: bool = False) -> None:
         """A warning; one that `protects` a result (the output may be wrong: a base other than the adapter's) is
         printed under -q too."""
         console = self.loud if protects else self.console
-        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        console.print(f"[yellow]warning:[/] {printable(message)}", highlight=False)
 
     @contextmanager
     def phase(self, name: str, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:

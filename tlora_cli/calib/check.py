@@ -125,6 +125,47 @@ def check_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
     return tensor
 
 
+# What float32 sums of x x^T leave of a covariance's symmetry and semi-definiteness: asymmetry relative to the
+# largest entry, and the smallest eigenvalue below 0 relative to the largest (docs/reliability.md).
+SYMMETRY_TOLERANCE = 1e-5
+NEGATIVE_TOLERANCE = 1e-4
+
+
+def check_covariance(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    """A covariance read from a calibration folder (once per input): finite, symmetric and positive
+    semi-definite to float32 rounding, or one line naming the input; any other matrix gives A from nonsense."""
+    check_tensor(tensor, path)
+    name = f"the covariance of {path.stem}"
+    largest = max(tensor.max().item(), -tensor.min().item())  # no copy the size of C
+    block = 1024  # C - C^T a block of rows at a time: no second matrix the size of C
+    asymmetry = max(
+        ((tensor[i : i + block] - tensor[:, i : i + block].T).abs().max().item() for i in range(0, len(tensor), block)),
+        default=0.0,
+    )
+    if asymmetry > SYMMETRY_TOLERANCE * largest:
+        raise _damaged(path, f"{name} is not symmetric (entries differ by {asymmetry / largest:.2g} of the largest)")
+    if largest and not _semi_definite(tensor):
+        raise _damaged(
+            path, f"{name} is not positive semi-definite (an eigenvalue below -{NEGATIVE_TOLERANCE:g} of the largest)"
+        )
+    return tensor
+
+
+def _semi_definite(covariance: torch.Tensor) -> bool:
+    """Whether the smallest eigenvalue is at least -NEGATIVE_TOLERANCE times the largest: C shifted by that much
+    has a float64 Cholesky factor (a third of an eigvalsh's work), computed in place of the copy."""
+    c = covariance.double()
+    vector = torch.ones(len(c), dtype=c.dtype) / len(c) ** 0.5
+    for _ in range(30):  # power iteration: the largest eigenvalue's size, to a few percent
+        product = c @ vector
+        vector = product / product.norm().clamp_min(1e-300)
+    top = max(product.norm().item(), c.diagonal().max().item())  # a PSD matrix's largest diagonal entry is below it
+    c.diagonal().add_(NEGATIVE_TOLERANCE * top)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(c, out=(c, info))
+    return int(info) == 0
+
+
 def check_against_model(calibration, checkpoint, where: str) -> None:
     """The calibration's modules exist in --model's checkpoint with the shapes it recorded."""
     for t in calibration.stats.targets:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..errors import TloraError
 from ..model.targets import Target
-from .check import check_files, check_manifest, check_tensor, manifest_kinds
+from .check import check_covariance, check_files, check_manifest, check_tensor, manifest_kinds
 from .layout import FORMAT, MANIFEST
-from .statistics import KINDS, Statistics, StatisticStores
+from .statistics import COVARIANCES, KINDS, Statistics, StatisticStores
 from .store import TensorStore, write_tensors
 
 
@@ -94,4 +94,5 @@ def load_calibration(folder: Path) -> Calibration:
 
 def _files(folder: Path, kind: str, keys: list[str]) -> TensorStore:
     """Tensors of one kind read from disk one at a time, so a big model's never all sit in memory."""
-    return TensorStore(folder / KINDS[kind].folder, KINDS[kind].field, keys, check=check_tensor)
+    check = check_covariance if kind == COVARIANCES else check_tensor
+    return TensorStore(folder / KINDS[kind].folder, KINDS[kind].field, keys, check=check)

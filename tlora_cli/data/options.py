@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import TloraError
 from ..options import Options, not_blank, option
-from .records import RecordFormat
+from .records import RecordFormat, template_fields
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class DataOptions(Options):
             raise TloraError("--text-field makes plain-text samples; drop --prompt-field/--response-field/--template")
         if self.prompt_field is not None and self.template is not None:
             raise TloraError("--template makes the prompt; drop --prompt-field and name the field in the template")
+        if self.template is not None:
+            template_fields(self.template)  # a malformed or too wide template, before any model or data is read
 
     def record_format(self, default: RecordFormat | None) -> RecordFormat | None:
         """The format the field flags ask for, the rest taken from `default` (a named set's format, its raw

@@ -8,6 +8,7 @@ field flags (record_to_sample), whose records may differ in shape.
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any, NoReturn
 
 from ..errors import TloraError
 from .messages import is_conversation, messages_sample
-from .samples import Sample
+from .samples import EmptyRecord, Sample, check_text
 
 # Checked in this order; the first pair whose two fields are both present wins.
 PAIR_FIELDS = (
@@ -25,6 +26,7 @@ PAIR_FIELDS = (
     ("prompt", "completion"),
     ("prompt", "response"),
 )
+MAX_WIDTH = 10_000  # a width or precision in a template's format spec, at most (docs/reliability.md)
 FIELDS_HELP = "'text', or a pair " + ", ".join(f"'{p}'/'{r}'" for p, r in PAIR_FIELDS)
 
 
@@ -67,25 +69,23 @@ class RecordFormat:
             if name not in available:
                 raise TloraError(f"{source}: {_no_field(name, available)}")
 
-    def to_sample(self, record: Mapping, where: str) -> Sample | None:
-        """The record as a Sample, or None when its text, response or a field of its prompt is empty (the
-        caller counts it)."""
+    def to_sample(self, record: Mapping, where: str) -> Sample:
+        """The record as a Sample; EmptyRecord, naming the field, when its text, response or a field of its prompt
+        is empty or null (the caller counts it)."""
         if not isinstance(record, Mapping):
             raise TloraError(f"{where}: expected a record with named fields, got {type(record).__name__}")
         if self.text_field is not None:
             text = _value(record, self.text_field, where)
-            return Sample(text=text) if text.strip() else None
+            _check_filled(record, {self.text_field: text}, where)
+            return Sample(text=text)
         template = self.template
         if self.input_template is not None and _value(record, "input", where).strip():
             template = self.input_template
-        if template is None:
-            values = {"prompt": _value(record, self.prompt_field, where)}
-        else:
-            values = {name: _value(record, name, where) for name in template_fields(template)}
+        names = [self.prompt_field] if template is None else template_fields(template)
+        values = {name: _value(record, name, where) for name in names}
         response = _value(record, self.response_field, where)
-        if not response.strip() or not all(value.strip() for value in values.values()):
-            return None
-        prompt = values["prompt"] if template is None else _format(template, values, where)
+        _check_filled(record, {**values, self.response_field: response}, where)
+        prompt = values[self.prompt_field] if template is None else _format(template, values, where)
         return Sample(prompt=prompt, response=response + self.response_suffix)
 
     def for_chat(self) -> RecordFormat:
@@ -149,10 +149,10 @@ def record_to_sample(record: Any, where: str) -> Sample:
         raise TloraError(f"{where}: expected an object with {FIELDS_HELP}, got {type_name(record)}")
     filled = [key for key, value in record.items() if _filled(value)]
     if "text" not in filled and is_conversation(record):  # TRL's conversational format
-        sample = messages_sample(record, where)
-        if sample is None:
-            raise TloraError(f"{where}: the conversation has no assistant turn with content; add one")
-        return sample
+        try:
+            return messages_sample(record, where)
+        except EmptyRecord as e:
+            raise TloraError(f"{e}; add one or remove the record") from None
     fmt = _shape(filled)
     if fmt is None:
         _report_unusable(record, where)
@@ -162,8 +162,10 @@ def record_to_sample(record: Any, where: str) -> Sample:
 
 
 def _report_unusable(record: dict[str, Any], where: str) -> NoReturn:
-    """No complete shape: report what is wrong with the first one the record partly has."""
-    for shape in (("text",), *PAIR_FIELDS):
+    """No complete shape: report what is wrong with the first one the record has every field of (a null one),
+    else with the first one it partly has."""
+    shapes = (("text",), *PAIR_FIELDS)
+    for shape in sorted(shapes, key=lambda shape: not all(key in record for key in shape)):  # stable
         if any(key in record for key in shape):
             for key in shape:
                 if key not in record:
@@ -215,8 +217,23 @@ def template_fields(template: str) -> list[str]:
             raise TloraError(
                 f"the template {template!r} has {{{field}}}; a template may only name fields, as {{{name}}}"
             )
+        if _too_wide(spec or ""):
+            raise TloraError(
+                f"the template {template!r} pads or cuts {{{name}}} to more than {MAX_WIDTH:,} characters; "
+                f"write {{{name}}} without a format spec, or a smaller width"
+            )
         names.append(name)
     return names
+
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+def _too_wide(spec: str) -> bool:
+    """A width or precision over MAX_WIDTH (`{question:>300000000}` would take GBs), compared as digits first:
+    int() refuses a number of more than 4300 digits."""
+    limit = len(str(MAX_WIDTH))
+    return any(len(n.lstrip("0")) > limit or int(n) > MAX_WIDTH for n in _NUMBER.findall(spec))
 
 
 def _format(template: str, values: dict[str, str], where: str) -> str:
@@ -235,7 +252,14 @@ def _value(record: Mapping, name: str, where: str) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TloraError(f"{where}: field '{name}' must be text, got {type(value).__name__}; pick another field")
-    return str(value)
+    return check_text(str(value), where, f"field '{name}'")
+
+
+def _check_filled(record: Mapping, values: dict[str, str], where: str) -> None:
+    """EmptyRecord naming the first field of `values` (name -> its text) that is empty or null."""
+    for name, value in values.items():
+        if not value.strip():
+            raise EmptyRecord(f"{where}: field '{name}' is {'null' if record[name] is None else 'empty'}")
 
 
 def _no_field(name: str, available: list[str]) -> str:

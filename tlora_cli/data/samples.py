@@ -2,8 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import TloraError
+
+# Halves of UTF-16 pairs: JSON's "\ud800" escape reads into a Python string that no tokenizer or terminal takes.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class EmptyRecord(TloraError):
+    """A record with nothing to learn from (an empty or null field it is read from, a conversation without an
+    assistant turn): a dataset's is passed over and counted, as trainers drop them; a file's is refused."""
+
+
+def check_text(text: str, where: str, what: str) -> str:
+    """`text` as it is, or a TloraError naming the record and the field when it is not Unicode text."""
+    bad = _SURROGATE.search(text)
+    if bad:
+        raise TloraError(
+            f"{where}: {what} holds an unpaired surrogate (\\u{ord(bad.group()):04x} at character {bad.start() + 1}), "
+            "which is not text; fix the record"
+        )
+    return text
 
 
 @dataclass(frozen=True)

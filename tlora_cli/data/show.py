@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from ..errors import printable
 from ..options import Options, at_least, option
 from .calibration_set import load_calibration_set
 from .chat import IGNORE_INDEX
@@ -49,7 +50,7 @@ class ShownSample:
     @property
     def header(self) -> str:
         cut = ", truncated" if self.truncated else ""
-        return f"{self.where}: {self.num_tokens} tokens, {self.num_loss_tokens} carry the loss{cut}"
+        return f"{printable(self.where)}: {self.num_tokens} tokens, {self.num_loss_tokens} carry the loss{cut}"
 
 
 def show_samples(
@@ -86,7 +87,7 @@ def _decode(sample: EncodedSample, where: str, tokenizer: Any) -> ShownSample:
 def _summary(calibration: CalibrationSet, shown: list[ShownSample]) -> str:
     count = f"{len(shown)} sample" + ("s" if len(shown) != 1 else "")
     return (
-        f"{count} from {calibration.source}: {sum(s.num_tokens for s in shown)} tokens, "
+        f"{count} from {printable(calibration.source)}: {sum(s.num_tokens for s in shown)} tokens, "
         f"{sum(s.num_loss_tokens for s in shown)} carry the loss"
     )
 

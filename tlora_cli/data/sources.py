@@ -22,7 +22,7 @@ from .messages import is_conversation, messages_sample
 from .options import DataOptions
 from .records import RecordFormat, detect_format, record_to_sample
 from .registry import REGISTRY, DatasetSpec
-from .samples import Sample
+from .samples import EmptyRecord, Sample
 
 # A hub dataset id, org/name: a bare name is taken for a misspelt registry name or a missing file.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -183,7 +183,7 @@ class _Mapper:
     def __init__(self, fmt: RecordFormat | None, label: str) -> None:
         self.format, self.label, self.checked, self.conversation = fmt, label, False, False
 
-    def __call__(self, record: Any, where: str) -> Sample | None:
+    def __call__(self, record: Any, where: str) -> Sample:
         if not self.checked:
             if not isinstance(record, Mapping):
                 raise TloraError(f"{where}: expected a record with named fields, got {type(record).__name__}")
@@ -206,26 +206,31 @@ def _pick_samples(samples: list[Sample], source: str, sha256: str, num_samples: 
 
 def _pick(
     candidates: Iterable[tuple[str, Any]],
-    to_sample: Callable[[Any, str], Sample | None],
+    to_sample: Callable[[Any, str], Sample],
     num_samples: int,
     source: str,
     sha256: str | None,
     num_records: int | None,
 ) -> Chosen:
-    """The first `num_samples` usable candidates. A record with an empty text, prompt or response is skipped
-    and counted: a hub dataset cannot be fixed by the user, and a trainer drops such records too."""
-    samples, wheres, skipped = [], [], 0
+    """The first `num_samples` usable candidates. A record with an empty or null text, prompt or response
+    (EmptyRecord) is skipped and counted: a hub dataset cannot be fixed by the user, and a trainer drops such
+    records too."""
+    samples, wheres, skipped, first = [], [], 0, ""
     for where, record in candidates:
-        sample = to_sample(record, where)
-        if sample is None:
-            skipped += 1
+        try:
+            sample = to_sample(record, where)
+        except EmptyRecord as e:
+            skipped, first = skipped + 1, first or str(e)
             continue
         samples.append(sample)
         wheres.append(where)
         if len(samples) == num_samples:
             break
     if not samples and skipped:
-        raise TloraError(f"{source}: no usable samples: all {skipped} records have an empty text, prompt or response")
+        raise TloraError(
+            f"{source}: no usable samples: all {skipped} records have an empty or null text, prompt or response "
+            f"(the first, {first})"
+        )
     if not samples:
         raise TloraError(f"{source}: the split has no records; pick another with --data-split")
     ran_out = len(samples) < num_samples

@@ -139,6 +139,7 @@ class Method:
     options: tuple[type[Options], ...] = ()
     prepare: Callable[[Preparation], Prepared] | None = None
     residual: bool = False
+    seeded: bool = False  # A is drawn from --seed, which so matters even when init finishes from --calibration
     lr: float = 1e-3  # where `tlora trial`'s rate grid starts for this method (benchmarks/RESULTS-quality.md)
     # A second adapter folder the method can write (its path from the method's options, or None: none asked for)
     side_adapter: Callable[[dict[type, Options]], Path | None] | None = None

@@ -8,8 +8,8 @@ import torch
 
 from ..calib.statistics import COVARIANCES
 from ..errors import TloraError
-from ..factorisation import lora_da_a
-from ..options import Options, at_least, finite_non_negative, option
+from ..factorisation import DampingScale, lora_da_a
+from ..options import Options, at_least, display, finite_non_negative, option
 from .base import DampingOptions, Method, ModuleInputs, a_only
 
 GRADIENT_STATISTICS = ("mean_grads", "output_grad_sq")
@@ -35,8 +35,15 @@ def build_a(m: ModuleInputs) -> torch.Tensor:
     cov = m.covariance()
     grad, out_sq = (m.stats.tensors[kind][m.name].to(m.device) for kind in GRADIENT_STATISTICS)
     beta, population = m.option(LoraDaOptions, "lora_da_beta"), m.option(LoraDaOptions, "lora_da_population")
+    damping = m.option(DampingOptions, "damping")
     try:
-        return lora_da_a(cov, out_sq, grad, m.rank, beta, population, m.option(DampingOptions, "damping"))
+        return lora_da_a(cov, out_sq, grad, m.rank, beta, population, damping)
+    except DampingScale as e:
+        too, instead = ("large", "smaller") if e.too_large else ("small", "larger")
+        raise TloraError(
+            f"{display(DampingOptions, 'damping')} {damping:g} is too {too} for the covariance of {m.name} (largest "
+            f"eigenvalue {e.largest:.3g}): LoRA-DA's step leaves float64's range; give a {instead} one (default 1e-6)"
+        ) from e
     except ValueError as e:
         raise TloraError(f"LoRA-DA cannot initialise {m.name}: {e}") from e
 

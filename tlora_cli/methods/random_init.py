@@ -15,4 +15,4 @@ def build_a(m: ModuleInputs) -> torch.Tensor:
     return random_a(m.in_features, m.rank, torch.Generator().manual_seed(seed))
 
 
-METHOD = Method("random", "standard LoRA", a_only(build_a), statistics=frozenset(), trains_a=True, lr=1e-3)
+METHOD = Method("random", "standard LoRA", a_only(build_a), statistics=frozenset(), trains_a=True, seeded=True, lr=1e-3)

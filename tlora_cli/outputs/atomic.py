@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TloraError
-from ..options import REQUIRED, Options, option
+from ..options import REQUIRED, Options, option, output_name
 from ..signals import signals_deferred, terminate_as_interrupt
 from .ownership import check_output, output_flag
 
@@ -40,6 +40,9 @@ COMMITTED: list[Path] = []
 def check_target(out: Path, overwrite: bool, kind: str = "adapter", inputs: tuple = ()) -> None:
     """Fail before any work when OUT exists (and no --overwrite), is not tlora's to replace, is an input
     of the run (`inputs`: (flag, path) pairs), or its folder is not writable."""
+    problem = output_name(_absolute(out), room=14)  # the temporary name: ".OUT.tmp-" and 8 random characters
+    if problem:
+        raise TloraError(f"cannot write {out}: {problem}")
     check_output(out, kind, overwrite, inputs)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise TloraError(f"{out} already exists: pass --overwrite to replace it, or choose another {output_flag(kind)}")
