@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,22 @@ def tiny_init(run_cli, data_file):
         )
 
     return run
+
+
+# A small ChatML-like template: every rendering of a conversation starts with the rendering of its prefix.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture
+def chat_model(model_factory, tmp_path) -> Path:
+    """The tiny Llama with CHAT_TEMPLATE."""
+    folder = tmp_path / "chat-model"
+    shutil.copytree(model_factory("llama"), folder)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder
 
 
 @pytest.fixture(scope="session")

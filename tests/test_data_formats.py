@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
 from transformers import AutoTokenizer
 
 from tlora_cli.data import DataOptions, load_calibration_set
 from tlora_cli.data.encode import IGNORE_INDEX
 
-# A small ChatML-like template: every rendering of a conversation starts with the rendering of its prefix.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 CONVERSATION = {
     "messages": [
         {"role": "system", "content": "You are terse."},
@@ -26,14 +19,6 @@ CONVERSATION = {
         {"role": "assistant", "content": "Two legs, and wings."},
     ]
 }
-
-
-@pytest.fixture
-def chat_model(model_factory, tmp_path) -> Path:
-    folder = tmp_path / "chat-model"
-    shutil.copytree(model_factory("llama"), folder)
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return folder
 
 
 def _write(path: Path, records: list[dict]) -> Path:

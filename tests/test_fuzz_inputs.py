@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_main import run_main
 from safetensors.torch import load_file, save_file
 from test_faults import N_ARGS, init_args, no_debris, one_line, snapshot
 from transformers import AutoTokenizer
@@ -28,19 +29,11 @@ from tlora_cli.errors import TloraError
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 def _calibrate(model: Path, data: Path, out: Path, *flags: str) -> Path:
     """`tlora calibrate` for a module-scoped fixture (run_cli is per test)."""
-    args = ["tlora", "calibrate", "--model", str(model), "--data", str(data), *N_ARGS, *flags, "-o", str(out)]
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exited:
-        patch.setattr(sys, "argv", args)
-        cli.main()
-    assert exited.value.code == 0
+    run_main("calibrate", "--model", model, "--data", data, *N_ARGS, *flags, "-o", out)
     return out
 
 
@@ -70,14 +63,6 @@ def calibration(measured, tmp_path) -> Path:
 @pytest.fixture
 def data(data_file, tmp_path) -> Path:
     return Path(shutil.copy(data_file, tmp_path / "calib.jsonl"))
-
-
-@pytest.fixture
-def chat_model(model_factory, tmp_path) -> Path:
-    folder = tmp_path / "chat-model"
-    shutil.copytree(model_factory("llama"), folder)
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    return folder
 
 
 @pytest.fixture

@@ -10,46 +10,17 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_lora_init import ALPHA, BATCH, RANK, SEQ, STEPS, logits, modules_of, rel, sidecar, weights
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_lora_init import ALPHA, RANK, logits, modules_of, prelaunch_args, rel, sidecar, weights
+from test_trl import sft_trainer
+from transformers import AutoModelForCausalLM
 
 from tlora_cli.training import load_for_training, save_trained
 
 DASH = 3
-RECORDS = [
-    {"prompt": "Question: how far does the train go?\nAnswer:", "completion": " 60 * 2 = 120 miles."},
-    {"prompt": "Say hello to the world.", "completion": " Hello world, this is the answer."},
-    {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps over the lazy dog."},
-    {"prompt": "Mia buys 3 packs of 12 pencils. How many?", "completion": " 3 * 12 = 36 pencils."},
-]
 
 
 def init(run_cli, model_dir, data, out, method: str, *extra):
-    result = run_cli(
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--method",
-        method,
-        "--budget-rank",
-        RANK,
-        "--alpha",
-        ALPHA,
-        "--prelaunch-steps",
-        STEPS,
-        "--prelaunch-batch-size",
-        BATCH,
-        "--seq-len",
-        SEQ,
-        "--dash-directions",
-        DASH,
-        "-q",
-        *extra,
-        "-o",
-        out,
-    )
+    result = run_cli(*prelaunch_args(model_dir, data, method), "--dash-directions", DASH, *extra, "-o", out)
     assert result.code == 0, result.stderr
     return out
 
@@ -94,31 +65,10 @@ def test_the_dash_directions_are_w_s_top_change_rates(method, model_factory, dat
 def test_sft_trainer_moves_every_dsigma_and_the_folded_lora_is_the_trained_model(
     method, model_factory, data_file, run_cli, tmp_path
 ):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     model_dir = model_factory("llama")
     out = init(run_cli, model_dir, data_file, tmp_path / "out", method)
     model = load_for_training(AutoModelForCausalLM.from_pretrained(model_dir), out)
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=5e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        max_length=48,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(RECORDS * 2), processing_class=tokenizer
-    )
+    trainer = sft_trainer(model, model_dir, tmp_path / "run")
     trainer.train()
     trainer.model.eval()
     trained = logits(trainer.model)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from cli_main import run_main
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_export import peft_deltas, server_deltas
@@ -36,71 +36,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def prelaunch_args(model_dir: Path, data: Path, method: str = "lora-init") -> list:
+    """init's flags for a short pre-launch on a tiny model (-o to add)."""
+    return ["init", "--model", model_dir, "--data", data, "--method", method, "--budget-rank", RANK, "--alpha", ALPHA,
+            "--prelaunch-steps", STEPS, "--prelaunch-batch-size", BATCH, "--seq-len", SEQ, "-q"]  # fmt: skip
+
+
 def lora_init(run_cli, model_dir: Path, data: Path, out: Path, *extra: str | Path):
-    return run_cli(
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "--method",
-        "lora-init",
-        "--budget-rank",
-        RANK,
-        "--alpha",
-        ALPHA,
-        "--prelaunch-steps",
-        STEPS,
-        "--prelaunch-batch-size",
-        BATCH,
-        "--seq-len",
-        SEQ,
-        "-q",
-        *extra,
-        "-o",
-        out,
-    )
+    return run_cli(*prelaunch_args(model_dir, data), *extra, "-o", out)
 
 
 @pytest.fixture(scope="module")
 def made(model_factory, data_file, tmp_path_factory):
     """One lora-init run on a tiny float32 Llama, with its pre-launch LoRA saved."""
-    from tlora_cli.cli import main
-
     folder = tmp_path_factory.mktemp("lora-init")
     model_dir = model_factory("llama")
-    args = [
-        "tlora",
-        "init",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data_file),
-        "--method",
-        "lora-init",
-        "--budget-rank",
-        str(RANK),
-        "--alpha",
-        str(ALPHA),
-        "--prelaunch-steps",
-        str(STEPS),
-        "--prelaunch-batch-size",
-        str(BATCH),
-        "--seq-len",
-        str(SEQ),
-        "-q",
-        "--save-prelaunch",
-        str(folder / "prelaunch"),
-        "-o",
-        str(folder / "out"),
-    ]
-    saved, sys.argv = sys.argv, args
-    try:
-        with pytest.raises(SystemExit) as done:
-            main()
-    finally:
-        sys.argv = saved
-    assert done.value.code == 0
+    run_main(*prelaunch_args(model_dir, data_file), "--save-prelaunch", folder / "prelaunch", "-o", folder / "out")
     return model_dir, folder / "out", folder / "prelaunch"
 
 
@@ -316,24 +267,7 @@ def test_two_ranks_give_the_same_indices_and_adapter(model_factory, data_file, t
     from test_distributed import torchrun
 
     model_dir = model_factory("llama")
-    args = [
-        "init",
-        "--model",
-        model_dir,
-        "--data",
-        data_file,
-        "--method",
-        "lora-init",
-        "--budget-rank",
-        RANK,
-        "--prelaunch-steps",
-        STEPS,
-        "--prelaunch-batch-size",
-        BATCH,
-        "--seq-len",
-        SEQ,
-        "-q",
-    ]
+    args = prelaunch_args(model_dir, data_file)
     one = torchrun(1, *args, "-o", tmp_path / "one")
     two = torchrun(2, *args, "-o", tmp_path / "two")
     assert one.returncode == 0 and two.returncode == 0, two.stderr

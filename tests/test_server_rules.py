@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_main import run_main
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_export import peft_deltas, randomise_b
@@ -100,21 +101,10 @@ SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 @pytest.fixture(scope="module")
 def sparse_adapter(model_factory, data_file, tmp_path_factory):
     """A tlora adapter whose allocation leaves modules at rank 0, B trained (random)."""
-    from tlora_cli.cli import main
-
     folder = tmp_path_factory.mktemp("sparse")
     model_dir = model_factory("llama")
-    import sys
-
-    args = ["tlora", "init", "--model", str(model_dir), "--data", str(data_file), "--num-samples", "4", "--seq-len",
-            "24", "--budget-rank", "1", "-q", "-o", str(folder / "adapter")]  # fmt: skip
-    saved, sys.argv = sys.argv, args
-    try:
-        with pytest.raises(SystemExit) as done:
-            main()
-    finally:
-        sys.argv = saved
-    assert done.value.code == 0
+    run_main("init", "--model", model_dir, "--data", data_file, "--num-samples", 4, "--seq-len", 24, "--budget-rank", 1,
+             "-q", "-o", folder / "adapter")  # fmt: skip
     randomise_b(folder / "adapter")
     meta = json.loads((folder / "adapter" / "tlora_metadata.json").read_text())
     assert any(m["rank"] == 0 for m in meta["modules"])  # the case the servers would lose

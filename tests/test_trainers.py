@@ -13,15 +13,10 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_trl import sft_trainer
+from transformers import AutoModelForCausalLM
 
 from tlora_cli.training import KeepLoraAFrozen, load_for_training, save_trained
-
-RECORDS = [
-    {"prompt": "Question: how far does the train go?\nAnswer:", "completion": " 60 * 2 = 120 miles."},
-    {"prompt": "Say hello to the world.", "completion": " Hello world, this is the answer."},
-    {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps over the lazy dog."},
-]
 
 
 def named_copy(model_dir: Path, dst: Path, hub_id: str, license: str | None = None) -> Path:
@@ -40,27 +35,13 @@ def named_copy(model_dir: Path, dst: Path, hub_id: str, license: str | None = No
 def test_the_callback_keeps_a_frozen_when_the_trainer_loads_the_adapter_itself(model_factory, tiny_init, tmp_path):
     """PEFT's own load (what axolotl, LLaMA-Factory and unsloth do) makes A trainable; with KeepLoraAFrozen in the
     trainer's callbacks, TRL's SFTTrainer leaves A as it was (weight decay on) and trains B."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     model_dir = model_factory("llama")
     adapter = tmp_path / "adapter"
     assert tiny_init(model_dir, adapter, "--budget-rank", 4).code == 0
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter, is_trainable=True)
     assert any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)  # the trap
     before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-2,
-        weight_decay=0.1, save_strategy="no", report_to=[], max_length=48, use_cpu=True, bf16=False, fp16=False,
-        dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(RECORDS * 2),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        callbacks=[KeepLoraAFrozen(adapter)],
-    )
+    trainer = sft_trainer(model, model_dir, tmp_path / "run", steps=3, callbacks=(KeepLoraAFrozen(adapter),))
     trainer.train()
     after = {n: p.detach() for n, p in trainer.model.named_parameters() if ".lora_" in n}
     assert all(torch.equal(before[n], after[n]) for n in before if ".lora_A." in n), "A moved"

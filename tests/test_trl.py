@@ -4,55 +4,54 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from test_export import IDS, _check_server_rule, logits
 
+RECORDS = [
+    {"prompt": "Question: how far does the train go?\nAnswer:", "completion": " 60 * 2 = 120 miles."},
+    {"prompt": "Say hello to the world.", "completion": " Hello world, this is the answer."},
+    {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps over the lazy dog."},
+    {"prompt": "Mia buys 3 packs of 12 pencils. How many?", "completion": " 3 * 12 = 36 pencils."},
+]
+
+
+def sft_trainer(model: torch.nn.Module, model_dir: Path, folder: Path, steps: int = 4, callbacks: tuple = ()):
+    """TRL's SFTTrainer on RECORDS, on the CPU, at a rate that moves every B in a few steps; weight decay on, which
+    would drift A if A reached the optimizer."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(folder), max_steps=steps, per_device_train_batch_size=2, learning_rate=5e-2, weight_decay=0.1,
+        logging_steps=1, save_strategy="no", report_to=[], max_length=48, use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    dataset = Dataset.from_list(RECORDS * 2)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
+    )
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed: pip install trl")
 def test_sft_trainer_trains_b_with_a_frozen_and_the_adapter_exports(model_factory, tiny_init, run_cli, tmp_path):
-    from datasets import Dataset
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoModelForCausalLM
 
     from tlora_cli.training import load_for_training
 
     model_dir = model_factory("llama")
     adapter = tmp_path / "adapter"
     assert tiny_init(model_dir, adapter, "--budget-rank", 4).code == 0
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_for_training(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
     before = {n: t.detach().clone() for n, t in model.state_dict().items() if ".lora_" in n}
-    records = [
-        {"prompt": "Question: how far does the train go?\nAnswer:", "completion": " 60 * 2 = 120 miles."},
-        {"prompt": "Say hello to the world.", "completion": " Hello world, this is the answer."},
-        {"prompt": "What does the fox do?", "completion": " The quick brown fox jumps over the lazy dog."},
-        {"prompt": "Mia buys 3 packs of 12 pencils. How many?", "completion": " 3 * 12 = 36 pencils."},
-    ]
-    args = SFTConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=5e-2,
-        weight_decay=0.1,  # would drift A if A reached the optimizer
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        max_length=48,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(records * 2), processing_class=tokenizer
-    )
+    trainer = sft_trainer(model, model_dir, tmp_path / "run")
     trainer.train()
     after = {n: t.detach() for n, t in trainer.model.state_dict().items() if ".lora_" in n}
     assert set(after) == set(before)

@@ -140,20 +140,9 @@ def run_init(
     """
     reuse = reuse or ReuseOptions()
     calibration_dir, plan = reuse.calibration_dir, reuse.plan
-    if calibration_dir and data != DataOptions():
-        raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
     init = InitSettings.of(method, method_options or {}, calibration.seed, recipe)
-    check_all(model, data, calibration, allocation, recipe)
-    _check_init_inputs(calibration, allocation, recipe, init, reuse)
-    if init.method.prepare:
-        allocation = dataclasses.replace(allocation, uniform=True)  # the phase trains r_init everywhere
     explicit = calibration.center is not None
-    calibration = dataclasses.replace(
-        calibration,
-        num_samples=recipe.num_samples(calibration.num_samples),
-        center=calibration.center if explicit else init.method.center,
-        statistics=init.method.statistics,
-    )
+    calibration, allocation = _settle(model, data, calibration, allocation, recipe, init, reuse)
     side = init.method.side_adapter(init.options) if init.method.side_adapter else None
     inputs = run_inputs(model.model, data.data, calibration_dir, plan, calibration.offload_dir)
     with (
@@ -180,6 +169,32 @@ def run_init(
             side_write = dataclasses.replace(write, folder=side_tmp, name=side.name)
             write_side_adapter(side_write, result, allocations, settings, init, prepared, reporter)
     reporter.info(f"wrote {output.out}; see it with `tlora inspect {output.out}`")
+
+
+def _settle(
+    model: ModelOptions,
+    data: DataOptions,
+    calibration: CalibrationOptions,
+    allocation: AllocationOptions,
+    recipe: RecipeOptions,
+    init: InitSettings,
+    reuse: ReuseOptions,
+) -> tuple[CalibrationOptions, AllocationOptions]:
+    """Every flag checked; then what init measures with: the recipe's sample count, the method's covariance and
+    statistics, and for a pre-launch r_init on every target."""
+    if reuse.calibration_dir and data != DataOptions():
+        raise TloraError("--calibration already holds the statistics of its data: drop --data and the data flags")
+    check_all(model, data, calibration, allocation, recipe)
+    _check_init_inputs(calibration, allocation, recipe, init, reuse)
+    if init.method.prepare:
+        allocation = dataclasses.replace(allocation, uniform=True)  # the phase trains r_init everywhere
+    calibration = dataclasses.replace(
+        calibration,
+        num_samples=recipe.num_samples(calibration.num_samples),
+        center=init.method.center if calibration.center is None else calibration.center,
+        statistics=init.method.statistics,
+    )
+    return calibration, allocation
 
 
 def _measure(

@@ -69,18 +69,24 @@ def calibrate(
     stats = dataclasses.replace(stats, num_samples=n, num_tokens=tokens, owners=owners)  # all ranks' counts
     with reporter.phase("fingerprint", "Fingerprinting the model"):
         fingerprint = source.checkpoint.fingerprint
-    settings = {
+    settings = _settings(options, choice, suffixes, device, dtype)
+    if dist.active:
+        settings["distributed"] = dist.record(n, owners)
+    model_info = {"name": source.name, "fingerprint": fingerprint, **source.provenance()}
+    provenance = {**calib_set.provenance, **data_record(calib_set, options)}
+    return Calibration(stats, model_info, provenance, settings, dict(reporter.timings)), weight_of
+
+
+def _settings(options: CalibrationOptions, choice: Choice, suffixes: dict, device: str, dtype: torch.dtype) -> dict:
+    """What the calibration ran with, as its folder records it (init checks its own flags against it)."""
+    return {
         "target_modules": list(suffixes),
         "center": options.centred,
         "engine": {"requested": options.engine, "used": choice.engine, "reason": choice.reason},
         "batch_size": choice.batch_size,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
-        **({"distributed": dist.record(n, owners)} if dist.active else {}),
     }
-    model_info = {"name": source.name, "fingerprint": fingerprint, **source.provenance()}
-    provenance = {**calib_set.provenance, **data_record(calib_set, options)}
-    return Calibration(stats, model_info, provenance, settings, dict(reporter.timings)), weight_of
 
 
 def _run(

@@ -24,29 +24,7 @@ from .base import ExportFormat, ExportJob, Written, base_config, write_lora
 
 def write(job: ExportJob) -> Written:
     adapter = job.adapter
-    own = read_sidecar(adapter.folder)
-    initial = read_sidecar(job.initial) if job.initial else {}
-    residual = _entries(own, RESIDUAL_A) or _entries(initial, RESIDUAL_A)
-    dash = _entries(own, DASH_U) or _entries(initial, DASH_U)
-    if not residual and not dash:
-        where = f"{adapter.folder} and --initial {job.initial}" if job.initial else f"{adapter.folder}"
-        raise TloraError(
-            f"{where} hold no residual factors and no Dash term: --format lora converts an adapter of --method "
-            "lora-init, lora-dash or lora-tsd (pass the folder `tlora init` wrote with --initial); any other "
-            "adapter is a plain LoRA already"
-        )
-    warnings = []
-    if dash and not any(DASH_SIGMA in e for e in own.values()):
-        warnings.append(
-            f"{adapter.folder} has no trained Dash coefficients (it was saved without tlora_cli.training.save_trained):"
-            " the Dash term is left out, as a trainer that ignores it trains"
-        )
-        dash = {}
-    names = {m.name for m in adapter.modules}
-    for part, entries in (("residual factors", residual), ("Dash terms", dash)):
-        if entries and set(entries) != names:
-            odd = sorted(names ^ set(entries))[0]
-            raise TloraError(f"{adapter.folder} and its {part} disagree on module {odd}: pass the right --initial")
+    residual, dash, warnings = _parts(job)
     tensors, ranks, alphas = {}, {}, {}
     for m in adapter.modules:
         blocks = [(m.a.float(), m.b.float())]
@@ -74,6 +52,36 @@ def write(job: ExportJob) -> Written:
     out = shlex.quote(str(job.out))
     hint = f"load it on the original base; for servers: tlora export {out} --format vllm|padded|merged"
     return Written(len(adapter.modules), ranks[top], [hint], warnings)
+
+
+def _parts(job: ExportJob) -> tuple[dict, dict, list[str]]:
+    """The residual factors and the trained Dash terms to fold in (from the adapter's sidecar, else --initial's),
+    each for every module or none, and the warning for a Dash term left out."""
+    adapter = job.adapter
+    own = read_sidecar(adapter.folder)
+    initial = read_sidecar(job.initial) if job.initial else {}
+    residual = _entries(own, RESIDUAL_A) or _entries(initial, RESIDUAL_A)
+    dash = _entries(own, DASH_U) or _entries(initial, DASH_U)
+    if not residual and not dash:
+        where = f"{adapter.folder} and --initial {job.initial}" if job.initial else f"{adapter.folder}"
+        raise TloraError(
+            f"{where} hold no residual factors and no Dash term: --format lora converts an adapter of --method "
+            "lora-init, lora-dash or lora-tsd (pass the folder `tlora init` wrote with --initial); any other "
+            "adapter is a plain LoRA already"
+        )
+    warnings = []
+    if dash and not any(DASH_SIGMA in e for e in own.values()):
+        warnings.append(
+            f"{adapter.folder} has no trained Dash coefficients (it was saved without tlora_cli.training.save_trained):"
+            " the Dash term is left out, as a trainer that ignores it trains"
+        )
+        dash = {}
+    names = {m.name for m in adapter.modules}
+    for part, entries in (("residual factors", residual), ("Dash terms", dash)):
+        if entries and set(entries) != names:
+            odd = sorted(names ^ set(entries))[0]
+            raise TloraError(f"{adapter.folder} and its {part} disagree on module {odd}: pass the right --initial")
+    return residual, dash, warnings
 
 
 def _entries(sidecar: dict[str, dict[str, torch.Tensor]], field: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -81,12 +81,41 @@ def _datasets(meta: dict) -> list[str]:
 
 def _made(meta: dict, command: str | None) -> list[str]:
     """'How it was made' rows, from tlora_metadata.json."""
-    data, calibration = meta.get("data") or {}, meta.get("calibration") or {}
+    rows = [("command", f"`{command}`")] if command else []
+    rows += _measured(meta)
+    origin = (meta.get("model") or {}).get("converted_from")
+    if origin:
+        rows.append(("base weights", f"dequantised from `{origin}`, not the hub's bf16 checkpoint: A was computed "
+                     "from these weights"))  # fmt: skip
+    trained = meta.get("trained") or {}
+    if trained:
+        rows.append(("trained", f"yes, from the adapter `{trained.get('from', '?')}` tlora wrote"))
+    if meta.get("method"):
+        rows.append(("method", meta["method"]))
+        rows.append(("recipe", meta.get("recipe", "default")))
+    if meta.get("covariance"):
+        rows.append(("covariance", meta["covariance"]))
+    center = (meta.get("calibration") or {}).get("center")
+    if center is not None and not meta.get("covariance"):
+        rows.append(("covariance", "centred" if center else "uncentred"))
+    if "train_a" in meta:
+        rows.append(("A in training", "trained" if meta["train_a"] else "frozen"))
+    trial = meta.get("trial") or {}
+    if trial.get("lr"):
+        rows.append(("learning rate (tlora trial)", f"{trial['lr']:g}: held-out loss {trial['heldout_loss']:.4f}, "
+                     "the best of the trial's methods and rates"))  # fmt: skip
+    version = (meta.get("versions") or {}).get("tlora")
+    if version:
+        rows.append(("tlora", version))
+    return [f"| {k} | {v} |" for k, v in rows]
+
+
+def _measured(meta: dict) -> list[tuple[str, str]]:
+    """The rows of what it was measured on: data, budget, ranks."""
+    data = meta.get("data") or {}
     allocation, modules = meta.get("allocation") or {}, meta.get("modules") or []
     ranks = [m["rank"] for m in modules if m.get("rank")]
     rows = []
-    if command:
-        rows.append(("command", f"`{command}`"))
     if data:
         hub = f" (hub: {data['hub_id']})" if data.get("hub_id") else ""
         rows.append(("data", f"`{data.get('source', '?')}`{hub}"))
@@ -106,30 +135,7 @@ def _made(meta: dict, command: str | None) -> list[str]:
         )
     if ranks:
         rows.append(("ranks", f"{min(ranks)}-{max(ranks)} over {len(ranks)} of {len(modules)} modules"))
-    origin = (meta.get("model") or {}).get("converted_from")
-    if origin:
-        rows.append(("base weights", f"dequantised from `{origin}`, not the hub's bf16 checkpoint: A was computed "
-                     "from these weights"))  # fmt: skip
-    trained = meta.get("trained") or {}
-    if trained:
-        rows.append(("trained", f"yes, from the adapter `{trained.get('from', '?')}` tlora wrote"))
-    if meta.get("method"):
-        rows.append(("method", meta["method"]))
-        rows.append(("recipe", meta.get("recipe", "default")))
-    if meta.get("covariance"):
-        rows.append(("covariance", meta["covariance"]))
-    if calibration.get("center") is not None and not meta.get("covariance"):
-        rows.append(("covariance", "centred" if calibration["center"] else "uncentred"))
-    if "train_a" in meta:
-        rows.append(("A in training", "trained" if meta["train_a"] else "frozen"))
-    trial = meta.get("trial") or {}
-    if trial.get("lr"):
-        rows.append(("learning rate (tlora trial)", f"{trial['lr']:g}: held-out loss {trial['heldout_loss']:.4f}, "
-                     "the best of the trial's methods and rates"))  # fmt: skip
-    version = (meta.get("versions") or {}).get("tlora")
-    if version:
-        rows.append(("tlora", version))
-    return [f"| {k} | {v} |" for k, v in rows]
+    return rows
 
 
 def adapter_card(
