@@ -279,6 +279,9 @@ def next_lr(lrs: list[float], val_loss: dict[float, float], extend: int) -> floa
     return None
 
 
+RATE_SELECTION = ("lrs", "extend", "sweep_seed")
+
+
 def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> None:
     """Finished runs of arms that a change did not touch, taken from an earlier results file as they are.
 
@@ -286,9 +289,12 @@ def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> N
     each imported run keeps `imported_from`, so the report can say which figures were not rerun.
     """
     other = json.loads(path.read_text())
-    # Settings added since (the pre-launch's) do not touch the arms an older file holds; every other must match.
-    if {k: v for k, v in protocol.items() if k in other["protocol"]} != other["protocol"]:
+    # Settings added since (the pre-launch's) do not touch the arms an older file holds, nor does the grid its rates
+    # were chosen from (each run keeps its own rate, its selection is imported with it); every other must match.
+    ours = {k: v for k, v in protocol.items() if k in other["protocol"] and k not in RATE_SELECTION}
+    if ours != {k: v for k, v in other["protocol"].items() if k not in RATE_SELECTION}:
         raise SystemExit(f"{path} was run under another protocol: its runs cannot be compared with these")
+    results.setdefault("imported_protocol", {path.name: other["protocol"]})
     results.setdefault("baseline", other["baseline"])
     for key in ("calibration", "calibration_uncentred"):  # the same work folder's: calibrate() checks it is there
         if key in other:
@@ -304,6 +310,8 @@ def import_runs(results: dict, path: Path, arms: list[str], protocol: dict) -> N
         for key, init in other["inits"].items():
             if key == source or key.startswith(f"{source}-s"):
                 results["inits"].setdefault(key.replace(source, target, 1), {**init, "imported_from": path.name})
+        if source in other.get("selected", {}):
+            results["selected"].setdefault(target, other["selected"][source])
 
 
 class Experiment:
