@@ -136,14 +136,19 @@ def tlora(args: list[str]) -> list[str]:
 
 
 REPO = Path(__file__).resolve().parents[2]
-TLORA_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def tlora_env() -> dict[str, str]:
+    """The environment of a `tlora` command: this repository's code, and the thread count main() set (read at the
+    call: a copy taken at import missed it, and each command then ran one thread per core beside the trainer)."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def run_tlora(args: list[str]) -> tuple[float, str]:
     """One `tlora` command; returns its wall time and the command line as typed."""
     command = tlora(args)
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=TLORA_ENV)
+    done = subprocess.run(command, capture_output=True, text=True, env=tlora_env())
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start, " ".join(["tlora", *args])
@@ -151,7 +156,7 @@ def run_tlora(args: list[str]) -> tuple[float, str]:
 
 def allocation_summary(adapter: Path) -> dict:
     """What the allocation did, from `tlora inspect --json`: how concentrated the ranks and scalings are."""
-    done = subprocess.run(tlora(["inspect", str(adapter), "--json"]), capture_output=True, text=True, env=TLORA_ENV)
+    done = subprocess.run(tlora(["inspect", str(adapter), "--json"]), capture_output=True, text=True, env=tlora_env())
     summary = json.loads(done.stdout)
     modules = sorted(summary["modules"], key=lambda m: -m["rank"])
     ranks = [m["rank"] for m in modules]
