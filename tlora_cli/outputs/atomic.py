@@ -194,13 +194,18 @@ def atomic_dir(out: Path, overwrite: bool, kind: str = "adapter", inputs: tuple 
     except OSError as e:
         raise TloraError(f"cannot write {out}: {e.strerror}") from e
     try:
-        with terminate_as_interrupt():
-            yield tmp
-            _follow_umask(tmp)
-            _replace(tmp, out, overwrite, kind)
+        yield from _filled_then_placed(tmp, out, overwrite, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _filled_then_placed(tmp: Path, out: Path, overwrite: bool, kind: str) -> Iterator[Path]:
+    """Hand out tmp to be filled, then put it at OUT; a SIGTERM meanwhile unwinds as Ctrl-C does (cleanup runs)."""
+    with terminate_as_interrupt():
+        yield tmp
+        _follow_umask(tmp)
+        _replace(tmp, out, overwrite, kind)
 
 
 @contextmanager
@@ -217,9 +222,6 @@ def atomic_file(out: Path, overwrite: bool, kind: str = "plan", inputs: tuple = 
     os.close(fd)
     tmp = Path(name)
     try:
-        with terminate_as_interrupt():
-            yield tmp
-            _follow_umask(tmp)
-            _replace(tmp, out, overwrite, kind)
+        yield from _filled_then_placed(tmp, out, overwrite, kind)
     finally:
         tmp.unlink(missing_ok=True)
