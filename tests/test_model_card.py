@@ -122,3 +122,23 @@ def test_card_lists_hub_datasets(tmp_path):
     card = ModelCard(adapter_card(tmp_path, "tlora init --data gsm8k", name="my-adapter"))
     assert card.data.to_dict()["datasets"] == ["openai/gsm8k"]
     assert "# my-adapter" in card.text and "(hub: openai/gsm8k)" in card.text and "| 32 of 7473 |" in card.text
+
+
+@pytest.mark.parametrize(
+    ("method", "says", "never"),
+    [
+        ("tlora", ["`--method tlora`: task-aware LoRA (TLoRA)", "B starts at zero"], []),
+        ("random", ["`--method random`: standard LoRA", "B starts at zero"], ["TLoRA"]),
+        ("lora-init", ["`--method lora-init`", "start non-zero, on the residual base"], ["B starts at zero", "TLoRA"]),
+        ("lora-dash", ["`--method lora-dash`", "already changes the model"], ["B starts at zero", "TLoRA"]),
+    ],
+)
+def test_the_card_says_what_each_method_s_start_does_to_the_model(method, says, never, tmp_path):
+    """The card's first paragraph follows the method: LoRA-Dash's B is the pre-launch's, so its adapter is not a
+    no-op, and a random start is not TLoRA's."""
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "r": 8}))
+    meta = {"tool": "tlora", "method": method, "residual": method == "lora-init", "modules": [{"name": "x", "rank": 8}]}
+    (tmp_path / "tlora_metadata.json").write_text(json.dumps(meta))
+    first = ModelCard(adapter_card(tmp_path)).text.split("\n## ")[0]
+    assert all(words in first for words in says), first
+    assert not any(words in first for words in never), first

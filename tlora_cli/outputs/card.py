@@ -16,6 +16,8 @@ from huggingface_hub.repocard import metadata_load
 
 from ..adapter.layout import CARD, CONFIG, METADATA, PLOT
 from ..jsonio import maybe_object
+from ..methods import METHODS
+from ..methods.base import Method
 from ..model.resolve import looks_like_hub_id
 from ..names import published
 from ..report.picture import try_write_plot
@@ -210,13 +212,25 @@ def _introduction(base: str | None, base_name: str | None, meta: dict, exported:
     text = f"A LoRA adapter (PEFT) for {base_text}"
     if meta.get("tool") != "tlora" and not meta.get("method"):
         return text + ".\n"
-    text += (
-        ", initialised by [tlora](https://pypi.org/project/tlora-cli/): task-aware LoRA (TLoRA), whose A "
-        "matrices and per-module ranks come from the model's activations on a few task samples."
+    name = meta.get("method") or "tlora"
+    method = METHODS.get(name)
+    how = (
+        "task-aware LoRA (TLoRA), whose A matrices and per-module ranks come from the model's activations on a few "
+        "task samples"
+        if name == "tlora"
+        else (method.summary if method else name)
     )
-    return text + (
-        "\n" if exported else " B starts at zero, so before training the adapter leaves the model unchanged.\n"
-    )
+    text += f", initialised by [tlora](https://pypi.org/project/tlora-cli/) with `--method {name}`: {how}."
+    return text + ("\n" if exported else f" {_start(method)}\n")
+
+
+def _start(method: Method | None) -> str:
+    """What the untrained adapter does to the model: a card must not promise "unchanged" where B starts non-zero."""
+    if method is not None and method.residual:
+        return "A and B start non-zero, on the residual base: with it, the model starts unchanged."
+    if method is not None and method.prepare is not None:
+        return "A and B are the pre-launch LoRA's as it left them, so the adapter already changes the model."
+    return "B starts at zero, so before training the adapter leaves the model unchanged."
 
 
 def _training(base: str, frozen: bool) -> str:
