@@ -158,6 +158,7 @@ def test_a_trial_end_to_end(run_cli, model_factory, data, tmp_path, monkeypatch)
     best = tmp_path / "one" / "best"
     meta = json.loads((best / "tlora_metadata.json").read_text())
     assert meta["trial"]["lr"] == result["winner"]["lr"] and meta["method"] == result["winner"]["method"]
+    assert meta["trial"]["steps"] == 3 and "in a 3-step trial" in (best / "README.md").read_text()
     again = tmp_path / "two" / "best" / "adapter_model.safetensors"
     assert (best / "adapter_model.safetensors").read_bytes() == again.read_bytes()
     ids = torch.tensor([[3, 5, 7, 9, 11]])

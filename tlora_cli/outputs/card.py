@@ -104,8 +104,10 @@ def _made(meta: dict, command: str | None) -> list[str]:
         rows.append(("A in training", "trained" if meta["train_a"] else "frozen"))
     trial = meta.get("trial") or {}
     if trial.get("lr"):
-        rows.append(("learning rate (tlora trial)", f"{trial['lr']:g}: held-out loss {trial['heldout_loss']:.4f}, "
-                     "the best of the trial's methods and rates"))  # fmt: skip
+        steps = f" in a {trial['steps']}-step trial" if trial.get("steps") else ""
+        loss = f"{trial['lr']:g}: held-out loss {trial['heldout_loss']:.4f}{steps}"
+        rows.append(("learning rate (tlora trial)", f"{loss}, the best of its methods and rates (a longer run wants a "
+                     "lower rate)"))  # fmt: skip
     version = (meta.get("versions") or {}).get("tlora")
     if version:
         rows.append(("tlora", version))

@@ -155,7 +155,8 @@ def _write(tmp: Path, result: dict, starts: dict, source, calibration, out: Path
     best = starts[winner["method"]]
     (tmp / BEST).mkdir()
     write = Write(tmp / BEST, source, f"{out.name}/{BEST}", calibration.dtype, calibration.device)
-    record = {"trial": {**winner, "best_per_method": result["best"], "trial": out.name}}
+    steps = result["settings"]["steps"]
+    record = {"trial": {**winner, "steps": steps, "best_per_method": result["best"], "trial": out.name}}
     write_output(write, best.calibration, best.allocations, best.settings, best.init, best.inits, reporter, record)
 
 
