@@ -139,6 +139,7 @@ class Method:
     options: tuple[type[Options], ...] = ()
     prepare: Callable[[Preparation], Prepared] | None = None
     residual: bool = False
+    changes_model: bool = False  # its adapter starts non-zero on W itself (LoRA-Dash continues the pre-launch LoRA)
     seeded: bool = False  # A is drawn from --seed, which so matters even when init finishes from --calibration
     lr: float = 1e-3  # where `tlora trial`'s rate grid starts for this method (benchmarks/RESULTS-quality.md)
     # A second adapter folder the method can write (its path from the method's options, or None: none asked for)

@@ -51,6 +51,7 @@ METHOD = Method(
     trains_a=True,
     options=(PrelaunchOptions, DashOptions),
     prepare=prelaunch,
+    changes_model=True,
     side_adapter=saved_prelaunch,
     lr=2.5e-4,
 )

@@ -230,7 +230,7 @@ def _start(method: Method | None) -> str:
     """What the untrained adapter does to the model: a card must not promise "unchanged" where B starts non-zero."""
     if method is not None and method.residual:
         return "A and B start non-zero, on the residual base: with it, the model starts unchanged."
-    if method is not None and method.prepare is not None:
+    if method is not None and method.changes_model:
         return "A and B are the pre-launch LoRA's as it left them, so the adapter already changes the model."
     return "B starts at zero, so before training the adapter leaves the model unchanged."
 
